@@ -1,0 +1,5 @@
+import sys
+
+from layermerge.cli import main
+
+sys.exit(main())

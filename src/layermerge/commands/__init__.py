@@ -1,0 +1,1 @@
+"""One module per CLI subcommand: add_parser(subparsers) builds its arguments, run(args) does the work."""

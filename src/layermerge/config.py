@@ -1,0 +1,93 @@
+"""The YAML merge config, validated with pydantic so every mistake names its key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from layermerge.errors import ConfigError
+from layermerge.methods.registry import available_methods, get_method, validate_params
+
+
+class MergeConfig(BaseModel):
+    """What ``layermerge merge CONFIG.yaml`` reads. Paths are relative to the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = Field(None, description="base (pretrained) model folder or weights file")
+    experts: dict[str, str] = Field(description="task name -> expert folder or weights file")
+    method: str = Field("task_arithmetic", description="a method listed by `layermerge methods`")
+    params: dict = Field(default_factory=dict, description="the method's parameters")
+    output: str | None = Field(None, description="output folder (the CLI's --output wins)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="output dtype; default: the base's")
+    max_shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 2GB or 500MB")
+    vocab_policy: Literal["error", "base_rows"] = Field(
+        "error", description="what to do when experts added tokens: stop, or merge only the base's rows")
+    head_keys: list[str] = Field(default_factory=list, description="extra key substrings to keep per task")
+
+    @field_validator("experts")
+    @classmethod
+    def _non_empty(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one expert is needed")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        methods = available_methods()
+        if value not in methods:
+            raise ValueError(f"unknown method {value!r}; allowed: {', '.join(methods)}")
+        return value
+
+    def resolve_paths(self, relative_to: Path) -> MergeConfig:
+        def fix(path: str | None) -> str | None:
+            if path is None:
+                return None
+            candidate = Path(path).expanduser()
+            return str(candidate if candidate.is_absolute() else (relative_to / candidate).resolve())
+
+        return self.model_copy(update={
+            "base": fix(self.base), "experts": {k: fix(v) for k, v in self.experts.items()},
+            "output": fix(self.output),
+        })
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(MergeConfig.model_fields)
+            problems.append(f"unknown key {where!r} (allowed keys: {allowed})")
+        elif error["type"] == "missing":
+            problems.append(f"missing required key {where!r}")
+        else:
+            problems.append(f"key {where!r}: {error['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_config(data: dict, source: str = "config", relative_to: Path | None = None) -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping with keys base, experts, method, params")
+    try:
+        config = MergeConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+    validate_params(get_method(config.method), config.params)
+    return config.resolve_paths(relative_to) if relative_to is not None else config
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), relative_to=path.parent.resolve())

@@ -1,0 +1,315 @@
+"""ExpertSet: a base model plus named experts fine-tuned from it, read lazily and checked up front.
+
+Every check that can be made from metadata alone (key names, shapes, dtypes, model types, vocabulary
+sizes) runs before any merging, so a mismatch fails in seconds with a message that names the files
+and the first offending keys. Finiteness needs the values, so it is checked as each tensor is read.
+
+Key names are compared after stripping a task-model prefix: an expert saved as
+``BertForSequenceClassification`` stores ``bert.encoder...`` where the base ``BertModel`` stores
+``encoder...``. Keys that only the experts have (``classifier.weight``), or whose shape differs
+between experts, are per-task heads: kept per task, never merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from layermerge.errors import CheckpointError, IncompatibleExpertsError
+from layermerge.io.reader import CheckpointReader, open_checkpoint
+
+VOCAB_POLICIES = ("error", "base_rows")
+MAX_LISTED = 5
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:MAX_LISTED])
+    more = f" (and {len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
+    return shown + more
+
+
+def detect_prefix(base_keys: set[str], expert_keys: list[str]) -> str:
+    """The prefix that maps an expert's keys onto the base's, e.g. ``'bert.'`` (or ``''``)."""
+    direct = sum(1 for key in expert_keys if key in base_keys)
+    best_prefix, best_hits = "", direct
+    candidates = {key.split(".", 1)[0] + "." for key in expert_keys if "." in key}
+    for prefix in candidates:
+        hits = sum(1 for key in expert_keys if key.startswith(prefix) and key[len(prefix):] in base_keys)
+        if hits > best_hits:
+            best_prefix, best_hits = prefix, hits
+    return best_prefix
+
+
+@dataclass
+class Expert:
+    """One expert: its task name, reader, and the prefix its backbone keys carry."""
+
+    name: str
+    reader: CheckpointReader
+    prefix: str = ""
+
+    def key_for(self, base_key: str) -> str:
+        return self.prefix + base_key
+
+    def get(self, base_key: str) -> torch.Tensor:
+        return self.reader.get(self.key_for(base_key))
+
+
+@dataclass
+class CompatibilityReport:
+    """What a merge of this set will do with every key, and any non-fatal notes."""
+
+    merge_keys: list[str]
+    head_keys: dict[str, list[str]]            # task -> expert-side key names kept per task
+    vocab_keys: list[str] = field(default_factory=list)  # merged on the base's rows only
+    notes: list[str] = field(default_factory=list)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"merged tensors: {len(self.merge_keys)}"]
+        for task, keys in self.head_keys.items():
+            lines.append(f"per-task head '{task}': {len(keys)} tensors {_listed(keys)}")
+        lines.extend(self.notes)
+        return lines
+
+
+class ExpertSet:
+    """Base plus named experts. ``check()`` validates compatibility before any work is done."""
+
+    def __init__(self, base: str | Path | CheckpointReader | None, experts: dict[str, str | Path | CheckpointReader],
+                 vocab_policy: str = "error", head_keys: list[str] | None = None):
+        if not experts:
+            raise IncompatibleExpertsError("no experts given: pass at least one expert checkpoint")
+        if vocab_policy not in VOCAB_POLICIES:
+            raise IncompatibleExpertsError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {vocab_policy!r}")
+        self.base = open_checkpoint(base) if base is not None else None
+        self.vocab_policy = vocab_policy
+        self.extra_head_patterns = list(head_keys or [])
+        reference_keys = set((self.base or open_checkpoint(next(iter(experts.values())))).keys())
+        self.experts: list[Expert] = []
+        for name, source in experts.items():
+            reader = open_checkpoint(source)
+            self.experts.append(Expert(name, reader, detect_prefix(reference_keys, reader.keys())))
+        self.report = self.check()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def names(self) -> list[str]:
+        return [expert.name for expert in self.experts]
+
+    @property
+    def reference(self) -> CheckpointReader:
+        """The checkpoint whose key names and dtypes the output uses: the base, or the first expert."""
+        return self.base if self.base is not None else self.experts[0].reader
+
+    @property
+    def reference_prefix(self) -> str:
+        return "" if self.base is not None else self.experts[0].prefix
+
+    def input_paths(self) -> list[Path]:
+        readers = ([self.base] if self.base is not None else []) + [e.reader for e in self.experts]
+        return [r.path for r in readers]
+
+    # ----------------------------------------------------------------- checks
+    def _is_declared_head(self, key: str) -> bool:
+        return any(pattern in key for pattern in self.extra_head_patterns)
+
+    def _inside_backbone(self, key: str, prefix: str, backbone_roots: set[str]) -> bool:
+        """An extra key under a backbone module (``encoder.layer.7...``) is not a head."""
+        if self._is_declared_head(key) or not key.startswith(prefix):
+            return False
+        return key[len(prefix):].split(".", 1)[0] in backbone_roots
+
+    def check(self) -> CompatibilityReport:
+        """Validate everything that metadata can tell; raise IncompatibleExpertsError on the first failure."""
+        self._check_model_types()
+        reference = self.reference
+        ref_prefix = self.reference_prefix
+        backbone = [k[len(ref_prefix):] for k in reference.keys() if k.startswith(ref_prefix)]
+        if self.base is None:
+            # Without a base, the reference's own non-prefixed keys are heads of the first expert.
+            backbone = [k for k in backbone if k]
+        backbone_set = set(backbone)
+        backbone_roots = {k.split(".", 1)[0] for k in backbone if "." in k}
+
+        merge_keys, vocab_keys = [], []
+        head_keys: dict[str, list[str]] = {e.name: [] for e in self.experts}
+        vocab_size = self._vocab_sizes()
+
+        for expert in self.experts:
+            ekeys = expert.reader.keys()
+            mapped = {k[len(expert.prefix):] for k in ekeys if k.startswith(expert.prefix)}
+            missing = [k for k in backbone if k not in mapped and not self._is_declared_head(k)]
+            if missing and len(missing) == len(backbone):
+                raise IncompatibleExpertsError(
+                    f"expert '{expert.name}' ({expert.reader.path}) shares no parameter names with "
+                    f"{reference.path}: it is not fine-tuned from this base. First keys: "
+                    f"expert {_listed(ekeys)}; base {_listed(backbone)}"
+                )
+            if missing:
+                raise IncompatibleExpertsError(
+                    f"expert '{expert.name}' ({expert.reader.path}) is missing {len(missing)} keys that "
+                    f"{reference.path} has: {_listed(missing)}. Every expert must contain the full backbone; "
+                    "re-save it from the complete model."
+                )
+            extra = [k for k in ekeys if not (k.startswith(expert.prefix) and k[len(expert.prefix):] in backbone_set)]
+            inside_backbone = [k for k in extra if self._inside_backbone(k, expert.prefix, backbone_roots)]
+            if inside_backbone:
+                raise IncompatibleExpertsError(
+                    f"expert '{expert.name}' ({expert.reader.path}) has {len(inside_backbone)} extra keys inside "
+                    f"the backbone that {reference.path} lacks: {_listed(inside_backbone)}. It has a different "
+                    "architecture (more layers or extra modules) and cannot be merged with this base. If these are "
+                    "task-specific modules, declare them with head_keys=['<substring>']."
+                )
+            head_keys[expert.name].extend(extra)
+
+        for key in backbone:
+            if self._is_declared_head(key):
+                for expert in self.experts:
+                    head_keys[expert.name].append(expert.key_for(key))
+                continue
+            ref_shape, ref_dtype = reference.shape(ref_prefix + key), reference.dtype(ref_prefix + key)
+            shapes = {e.name: e.reader.shape(e.key_for(key)) for e in self.experts}
+            dtypes = {e.name: e.reader.dtype(e.key_for(key)) for e in self.experts}
+            mismatched = {n: s for n, s in shapes.items() if s != ref_shape}
+            if mismatched:
+                if self._is_vocab_key(key, ref_shape, mismatched, vocab_size):
+                    vocab_keys.append(key)
+                    merge_keys.append(key)
+                    continue
+                if self._looks_like_head(key, ref_shape, shapes):
+                    for expert in self.experts:
+                        head_keys[expert.name].append(expert.key_for(key))
+                    continue
+                name, shape = next(iter(mismatched.items()))
+                expert = next(e for e in self.experts if e.name == name)
+                raise IncompatibleExpertsError(
+                    f"shape mismatch for key {key!r}: {reference.path} has {tuple(ref_shape)}, expert '{name}' "
+                    f"({expert.reader.path}) has {tuple(shape)}. The expert must be fine-tuned from this base "
+                    "with the same architecture. If this tensor is a task head, declare it with "
+                    "head_keys=['<substring>'] so it is kept per task instead of merged."
+                )
+            bad_dtype = {n: d for n, d in dtypes.items() if d != ref_dtype}
+            if bad_dtype:
+                name, dtype = next(iter(bad_dtype.items()))
+                expert = next(e for e in self.experts if e.name == name)
+                raise IncompatibleExpertsError(
+                    f"dtype mismatch for key {key!r}: {reference.path} stores {ref_dtype}, expert '{name}' "
+                    f"({expert.reader.path}) stores {dtype}. Save every model in one dtype "
+                    f"(e.g. model.to(torch.{str(ref_dtype).replace('torch.', '')}).save_pretrained(...))."
+                )
+            merge_keys.append(key)
+
+        notes = []
+        if vocab_keys:
+            notes.append(
+                f"vocabulary sizes differ; merging only the {len(vocab_keys)} embedding tensors' rows the "
+                "base has (vocab_policy='base_rows'); the experts' extra token rows are dropped"
+            )
+        return CompatibilityReport(merge_keys, head_keys, vocab_keys, notes)
+
+    def _check_model_types(self) -> None:
+        readers = ([("base", self.base)] if self.base is not None else []) + [(e.name, e.reader) for e in self.experts]
+        typed = [(name, r) for name, r in readers if r.model_type is not None]
+        if not typed:
+            return
+        first_name, first = typed[0]
+        for name, reader in typed[1:]:
+            if reader.model_type != first.model_type:
+                raise IncompatibleExpertsError(
+                    f"different model_type: '{first_name}' ({first.path}) is {first.model_type!r} but '{name}' "
+                    f"({reader.path}) is {reader.model_type!r}. Merging needs models of one architecture."
+                )
+
+    def _vocab_sizes(self) -> dict[str, int | None]:
+        sizes = {}
+        readers = ([("base", self.base)] if self.base is not None else []) + [(e.name, e.reader) for e in self.experts]
+        for name, reader in readers:
+            config = reader.config or {}
+            sizes[name] = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        return sizes
+
+    def _is_vocab_key(self, key: str, ref_shape: tuple, mismatched: dict[str, tuple], vocab_size: dict) -> bool:
+        """True when only the first dimension differs and it is a vocabulary size; applies the policy."""
+        if not all(len(s) == len(ref_shape) and s[1:] == ref_shape[1:] for s in mismatched.values()):
+            return False
+        known_vocab = {v for v in vocab_size.values() if v}
+        if not ({ref_shape[0]} | {s[0] for s in mismatched.values()}) <= known_vocab:
+            return False
+        if self.vocab_policy == "base_rows":
+            short = [n for n, s in mismatched.items() if s[0] < ref_shape[0]]
+            if short:
+                raise IncompatibleExpertsError(
+                    f"expert(s) {short} have fewer vocabulary rows than the base for {key!r}; "
+                    "'base_rows' needs every expert's vocabulary to extend the base's"
+                )
+            return True
+        details = ", ".join(f"'{n}': {s[0]}" for n, s in mismatched.items())
+        raise IncompatibleExpertsError(
+            f"vocabulary size mismatch for {key!r}: the base has {ref_shape[0]} rows, experts have {details}. "
+            "An expert added tokens, so rows beyond the base's vocabulary have no counterpart to merge with. "
+            "Set vocab_policy: base_rows (CLI/YAML) or vocab_policy='base_rows' (API) to merge only the rows "
+            "the base has and drop the added tokens, or re-train the experts with the base's tokenizer."
+        )
+
+    @staticmethod
+    def _looks_like_head(key: str, ref_shape: tuple, shapes: dict[str, tuple]) -> bool:
+        """A classification head: a 1-2 dim tensor whose first (output) dimension differs across experts."""
+        all_shapes = [ref_shape, *shapes.values()]
+        if any(len(s) != len(ref_shape) or len(s) > 2 for s in all_shapes):
+            return False
+        return all(s[1:] == ref_shape[1:] for s in all_shapes)
+
+    # ----------------------------------------------------------------- tensor access
+    def base_tensor(self, key: str) -> torch.Tensor:
+        """The base's tensor for a backbone key (with no base: zeros, so task vectors are the experts)."""
+        if self.base is None:
+            ref = self.experts[0].reader
+            return torch.zeros(ref.shape(self.reference_prefix + key), dtype=ref.dtype(self.reference_prefix + key))
+        return self.base.get(key)
+
+    def expert_tensors(self, key: str) -> list[torch.Tensor]:
+        tensors = [expert.get(key) for expert in self.experts]
+        if key in self.report.vocab_keys:
+            rows = self.reference.shape(self.reference_prefix + key)[0]
+            tensors = [t[:rows] for t in tensors]
+        return tensors
+
+    def iter_merge_tensors(self, dtype: torch.dtype = torch.float32,
+                           check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """(key, base, [experts]) for every merged key, one key at a time, cast to ``dtype``."""
+        for key in self.report.merge_keys:
+            base = self.base_tensor(key)
+            experts = self.expert_tensors(key)
+            if check_finite:
+                self._check_finite(key, base, experts)
+            yield key, base.to(dtype), [t.to(dtype) for t in experts]
+
+    def _check_finite(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
+        named = ([("base", self.base, base)] if self.base is not None else []) + [
+            (e.name, e.reader, t) for e, t in zip(self.experts, experts)
+        ]
+        for name, reader, tensor in named:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                count = int((~torch.isfinite(tensor)).sum())
+                raise IncompatibleExpertsError(
+                    f"'{name}' ({reader.path}) has {count} NaN/Inf values in {key!r}. A diverged fine-tune "
+                    "cannot be merged; re-train that expert or drop it from the set."
+                )
+
+    def head_state(self, task: str) -> dict[str, torch.Tensor]:
+        expert = next(e for e in self.experts if e.name == task)
+        return {key: expert.reader.get(key) for key in self.report.head_keys[task]}
+
+    def expert(self, name: str) -> Expert:
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise CheckpointError(f"no expert named {name!r}; experts are {self.names}")
+
+
+def load_experts(base: str | Path | None, experts: dict[str, str | Path], **options) -> ExpertSet:
+    """Open and check a base and named experts (see ExpertSet)."""
+    return ExpertSet(base, experts, **options)

@@ -1,0 +1,6 @@
+"""Checkpoint input/output: lazy per-tensor reading and atomic sharded writing."""
+
+from layermerge.io.reader import CheckpointReader, open_checkpoint
+from layermerge.io.writer import CheckpointWriter
+
+__all__ = ["CheckpointReader", "CheckpointWriter", "open_checkpoint"]

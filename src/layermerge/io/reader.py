@@ -1,0 +1,221 @@
+"""Lazy, per-tensor reading of checkpoints.
+
+A data-free merge must never hold a whole expert in memory, so a reader only records where each
+tensor lives and loads one tensor when asked. Supported inputs:
+
+* a Hugging Face folder: ``config.json`` plus ``model.safetensors``, a sharded
+  ``model.safetensors.index.json``, ``pytorch_model.bin`` or a sharded ``pytorch_model.bin.index.json``;
+* a bare ``.safetensors`` file, or a bare ``.pt``/``.bin``/``.pth`` state dict.
+
+Pickled files are loaded with ``torch.load(weights_only=True, mmap=True)`` so no code runs and the
+storage is paged in lazily by the operating system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from layermerge.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+def sha256_of_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hash a weight file in chunks (inputs can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointReader:
+    """Read-only, lazy view of one checkpoint: key names, shapes and dtypes up front, tensors on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint not found: {self.path}")
+        self.folder: Path | None = self.path if self.path.is_dir() else None
+        self._key_to_file: dict[str, Path] = self._locate_tensors()
+        if not self._key_to_file:
+            raise CheckpointError(f"checkpoint {self.path} contains no tensors")
+        self._pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- discovery
+    def _locate_tensors(self) -> dict[str, Path]:
+        if self.folder is None:
+            return self._keys_of_file(self.path)
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index_path = self.folder / index_name
+            if index_path.is_file():
+                return self._keys_from_index(index_path)
+        for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
+            if (self.folder / single).is_file():
+                return self._keys_of_file(self.folder / single)
+        found = sorted(p.name for p in self.folder.iterdir())
+        raise CheckpointError(
+            f"no weights found in folder {self.folder}: expected one of {SAFETENSORS_SINGLE}, "
+            f"{SAFETENSORS_INDEX}, {BIN_SINGLE}, {BIN_INDEX}; the folder holds {found[:10]}"
+        )
+
+    def _keys_from_index(self, index_path: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"malformed index file {index_path}: {exc}") from exc
+        mapping = {}
+        for key, file_name in weight_map.items():
+            file_path = index_path.parent / file_name
+            if not file_path.is_file():
+                raise CheckpointError(f"{index_path} lists shard {file_name} for key {key!r}, but it is missing")
+            mapping[key] = file_path
+        return mapping
+
+    def _keys_of_file(self, file_path: Path) -> dict[str, Path]:
+        if file_path.suffix == ".safetensors":
+            try:
+                with safe_open(str(file_path), framework="pt") as handle:
+                    return {key: file_path for key in handle.keys()}
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read safetensors file {file_path}: {exc}") from exc
+        if file_path.suffix in PICKLE_SUFFIXES:
+            return {key: file_path for key in self._load_pickle(file_path)}
+        raise CheckpointError(
+            f"unsupported checkpoint file {file_path}: use a .safetensors file, a .pt/.bin state dict, "
+            "or a Hugging Face model folder"
+        )
+
+    def _load_pickle(self, file_path: Path) -> dict[str, torch.Tensor]:
+        cache = getattr(self, "_pickle_cache", None)
+        if cache is None:
+            cache = self._pickle_cache = {}
+        if file_path not in cache:
+            try:
+                state = torch.load(file_path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                # Old (non-zip) serialisation cannot be memory-mapped; it is loaded eagerly instead.
+                state = torch.load(file_path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"cannot load {file_path} safely with torch.load(weights_only=True): {exc}. "
+                    "Convert it to safetensors or a plain state dict of tensors."
+                ) from exc
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{file_path} is not a state dict of tensors")
+            cache[file_path] = state
+        return cache[file_path]
+
+    # ----------------------------------------------------------------- queries
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def __len__(self) -> int:
+        return len(self._key_to_file)
+
+    def _file_of(self, key: str) -> Path:
+        try:
+            return self._key_to_file[key]
+        except KeyError:
+            raise CheckpointError(f"key {key!r} not found in checkpoint {self.path}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def numel(self, key: str) -> int:
+        n = 1
+        for size in self.shape(key):
+            n *= size
+        return n
+
+    @cached_property
+    def _meta(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key, file_path in self._key_to_file.items():
+            by_file.setdefault(file_path, []).append(key)
+        for file_path, keys in by_file.items():
+            if file_path.suffix == ".safetensors":
+                with safe_open(str(file_path), framework="pt") as handle:
+                    for key in keys:
+                        sl = handle.get_slice(key)
+                        meta[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+            else:
+                state = self._load_pickle(file_path)
+                for key in keys:
+                    meta[key] = (tuple(state[key].shape), state[key].dtype)
+        return meta
+
+    def get(self, key: str) -> torch.Tensor:
+        """Load one tensor (a fresh CPU tensor; safe to modify)."""
+        file_path = self._file_of(key)
+        if file_path.suffix == ".safetensors":
+            with safe_open(str(file_path), framework="pt") as handle:
+                return handle.get_tensor(key)
+        return self._load_pickle(file_path)[key].clone()
+
+    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys if keys is not None else self.keys():
+            yield key, self.get(key)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything in memory at once: only for small models and tests."""
+        return dict(self.iter_tensors())
+
+    # ----------------------------------------------------------------- metadata
+    @cached_property
+    def config(self) -> dict | None:
+        """The Hugging Face ``config.json`` beside the weights, if any."""
+        config_dir = self.folder if self.folder is not None else self.path.parent
+        config_path = config_dir / "config.json"
+        if not config_path.is_file():
+            return None
+        try:
+            return json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"malformed {config_path}: {exc}") from exc
+
+    @property
+    def model_type(self) -> str | None:
+        return (self.config or {}).get("model_type")
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self._key_to_file.values()))
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of every weight file, for the model card."""
+        return {str(p): sha256_of_file(p) for p in self.weight_files}
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors)"
+
+
+def open_checkpoint(path: str | Path | CheckpointReader) -> CheckpointReader:
+    return path if isinstance(path, CheckpointReader) else CheckpointReader(path)

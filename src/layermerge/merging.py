@@ -1,0 +1,178 @@
+"""The data-free merge driver: stream every backbone tensor through a method, write or collect it.
+
+Peak memory is one tensor from the base and each expert plus the output shard being filled, never
+a whole model. Per-task heads are copied from their experts unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from layermerge.errors import ConfigError
+from layermerge.experts import ExpertSet
+from layermerge.hf import HEAD_META
+from layermerge.io.writer import CheckpointWriter
+from layermerge.methods.base import TensorResult
+from layermerge.methods.registry import get_method, validate_params
+from layermerge.model_card import model_card_text
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class MergedModel:
+    """A merged backbone (in memory or in a folder), the per-task heads, and what produced it."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    heads: dict[str, dict[str, torch.Tensor]]
+    head_meta: dict[str, dict]
+    config: dict | None
+    method: str
+    params: dict
+    task_extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    path: Path | None = None
+    base_folder: Path | None = None
+
+    def save(self, output: str | Path, overwrite: bool = False, max_shard_size: str | int = "5GB") -> Path:
+        """Write as a Hugging Face folder (atomically)."""
+        if self.state_dict is None:
+            raise ConfigError(f"this merged model already lives in {self.path}; copy that folder instead")
+        with CheckpointWriter(output, inputs=[], overwrite=overwrite, max_shard_size=max_shard_size) as writer:
+            for key, tensor in self.state_dict.items():
+                writer.add_tensor(key, tensor)
+            _write_side_files(writer, self.heads, self.head_meta, self.task_extras, self.config, self.base_folder,
+                              self.method, self.params, self.summary, inputs={})
+        return Path(output).resolve()
+
+    def to_hf_model(self):
+        """The merged backbone as a transformers model built from the base's config."""
+        from layermerge.hf import backbone_from_state_dict
+
+        if self.state_dict is None:
+            from transformers import AutoModel
+            return AutoModel.from_pretrained(self.path)
+        return backbone_from_state_dict(self.config, self.state_dict)
+
+
+def _write_side_files(writer: CheckpointWriter, heads, head_meta, task_extras, config, base_folder, method,
+                      params, summary, inputs: dict) -> None:
+    copied = writer.copy_base_files(base_folder)
+    if config is not None and "config.json" not in copied:
+        writer.write_json("config.json", config)
+    for task, head in heads.items():
+        if head:
+            writer.write_state_dict(f"heads/{task}", head)
+        meta = head_meta.get(task, {})
+        if meta.get("config") is not None:
+            writer.write_json(f"heads/{task}/config.json", meta["config"])
+        writer.write_json(f"heads/{task}/{HEAD_META}", {"prefix": meta.get("prefix", ""), "keys": sorted(head)})
+    for task, extras in task_extras.items():
+        writer.write_state_dict(f"task_extras/{task}", extras)
+    record = {"method": method, "params": params, "summary": summary}
+    writer.write_json("layermerge_summary.json", record)
+    writer.write_text("README.md", model_card_text(method, params, inputs, summary))
+
+
+def merge(base: str | Path | None, experts: dict[str, str | Path], method: str = "task_arithmetic", *,
+          output: str | Path | None = None, overwrite: bool = False, max_shard_size: str | int = "5GB",
+          dtype: str | None = None, vocab_policy: str = "error", head_keys: list[str] | None = None,
+          quiet: bool = False, config_record: dict | None = None, **params) -> MergedModel:
+    """Merge ``experts`` (fine-tuned from ``base``) with a registered data-free method.
+
+    With ``output`` the result streams straight to a Hugging Face folder; without it, the merged
+    state dict is returned in memory (fine for small models).
+    """
+    info = get_method(method)
+    if info.kind != "tensor":
+        raise ConfigError(f"method {method!r} needs data; use the data-driven entry point for it")
+    validated = validate_params(info, params)
+    expert_set = experts if isinstance(experts, ExpertSet) else ExpertSet(
+        base, experts, vocab_policy=vocab_policy, head_keys=head_keys)
+    if expert_set.base is None and info.needs_base:
+        raise ConfigError(f"method {method!r} works on task vectors and needs a base model")
+    count = len(expert_set.experts)
+    if count < info.min_experts or (info.max_experts is not None and count > info.max_experts):
+        limit = f"exactly {info.min_experts}" if info.min_experts == info.max_experts else f"at least {info.min_experts}"
+        raise ConfigError(f"method {method!r} needs {limit} experts, got {count}")
+    algorithm = info.cls(validated, expert_set.names)
+    out_dtype = resolve_dtype(dtype)
+    reference = expert_set.reference
+    ref_prefix = expert_set.reference_prefix
+    keys = expert_set.report.merge_keys
+    started = time.perf_counter()
+
+    for pass_index in range(algorithm.stat_passes):
+        for key, base_t, expert_ts in tqdm(expert_set.iter_merge_tensors(), total=len(keys), disable=quiet,
+                                           desc=f"{method}: statistics pass {pass_index + 1}", unit="tensor"):
+            algorithm.observe(pass_index, key, base_t, expert_ts)
+        algorithm.end_pass(pass_index)
+
+    heads = {task: expert_set.head_state(task) for task in expert_set.names}
+    head_meta = {e.name: {"prefix": e.prefix, "config": e.reader.config} for e in expert_set.experts}
+    config = reference.config
+    base_folder = reference.folder
+    param_record = validated.model_dump()
+
+    def merged_tensors():
+        for key, base_t, expert_ts in tqdm(expert_set.iter_merge_tensors(), total=len(keys), disable=quiet,
+                                           desc=f"{method}: merging", unit="tensor"):
+            result = algorithm.merge_tensor(key, base_t, expert_ts)
+            if not isinstance(result, TensorResult):
+                result = TensorResult(result)
+            target = out_dtype or reference.dtype(ref_prefix + key)
+            yield key, result.merged.to(target), result.per_task
+
+    if output is None:
+        state, extras = {}, {task: {} for task in expert_set.names}
+        for key, tensor, per_task in merged_tensors():
+            state[key] = tensor
+            for task, extra in per_task.items():
+                extras[task][key] = extra
+        summary = {**algorithm.summary(), "seconds": round(time.perf_counter() - started, 3)}
+        return MergedModel(state, heads, head_meta, config, method, param_record, {t: e for t, e in extras.items() if e},
+                           summary, base_folder=base_folder)
+
+    inputs = {str(r.path): r.file_hashes() for r in _readers(expert_set)}
+    with CheckpointWriter(output, inputs=expert_set.input_paths(), overwrite=overwrite,
+                          max_shard_size=max_shard_size) as writer:
+        extra_writers = {}
+        for key, tensor, per_task in merged_tensors():
+            writer.add_tensor(key, tensor)
+            for task, extra in per_task.items():
+                if task not in extra_writers:
+                    extra_writers[task] = writer.stream_writer(f"task_extras/{task}")
+                extra_writers[task].add(key, extra)
+        summary = {**algorithm.summary(), "seconds": round(time.perf_counter() - started, 3)}
+        _write_side_files(writer, heads, head_meta, {}, config, base_folder, method, param_record, summary,
+                          inputs)
+        record = config_record or {
+            "base": str(expert_set.base.path) if expert_set.base is not None else None,
+            "experts": {e.name: str(e.reader.path) for e in expert_set.experts},
+            "method": method, "params": param_record, "dtype": dtype, "vocab_policy": vocab_policy,
+        }
+        writer.write_text("layermerge.yaml", yaml.safe_dump(record, sort_keys=False))
+    return MergedModel(None, heads, head_meta, config, method, param_record, summary=summary,
+                       path=Path(output).resolve(), base_folder=base_folder)
+
+
+def _readers(expert_set: ExpertSet):
+    if expert_set.base is not None:
+        yield expert_set.base
+    for expert in expert_set.experts:
+        yield expert.reader

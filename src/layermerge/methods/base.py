@@ -1,0 +1,52 @@
+"""The contract of a data-free method: a pure function of one tensor's base and expert values.
+
+The driver streams the merge keys one at a time and calls ``merge_tensor``. A method that needs a
+statistic over the whole model (TIES' global top-k, EMR's rescalers) declares ``stat_passes`` and
+receives every tensor in ``observe`` first; it never holds more than the statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from layermerge.methods.registry import MethodParams
+
+
+@dataclass
+class TensorResult:
+    """A merged tensor plus optional per-task tensors to store beside the model (EMR masks...)."""
+
+    merged: torch.Tensor
+    per_task: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DataFreeMethod:
+    """Base class. Subclasses define ``Params`` and ``merge_tensor``; all tensors arrive as fp32."""
+
+    Params = MethodParams
+    method_name = "?"
+    stat_passes = 0
+
+    def __init__(self, params: MethodParams, task_names: list[str]):
+        self.params = params
+        self.task_names = task_names
+
+    def observe(self, pass_index: int, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
+        """Accumulate whole-model statistics (only called when stat_passes > 0)."""
+
+    def end_pass(self, pass_index: int) -> None:
+        """Called after each statistics pass over all tensors."""
+
+    def merge_tensor(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor | TensorResult:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """JSON-able facts to record in the output (thresholds, rescalers...)."""
+        return {}
+
+
+def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack of τ_i = θ_i − θ0, shape (T, *base.shape)."""
+    return torch.stack([expert - base for expert in experts])

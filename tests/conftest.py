@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny transformers models of several families, built and saved by the tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_CONFIGS = {
+    "bert": dict(model_type="bert", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64),
+    "roberta": dict(model_type="roberta", vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=37, max_position_embeddings=70, pad_token_id=1),
+    "vit": dict(model_type="vit", image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                num_hidden_layers=2, num_attention_heads=4, intermediate_size=37),
+    "gpt2": dict(model_type="gpt2", vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "llama": dict(model_type="llama", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64),
+}
+
+
+def make_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    values = dict(TINY_CONFIGS[family])
+    values.update(overrides)
+    return AutoConfig.for_model(**values)
+
+
+def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """Play fine-tuning: add seeded noise to every parameter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
+def build_family(root: Path, family: str, n_experts: int = 3, task_heads: bool = True) -> tuple[Path, dict[str, Path]]:
+    """Save a tiny base (AutoModel) and experts (with classification heads where the family has them)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    # ViT and RoBERTa task models have no pooler, so neither may their base.
+    base_options = {"add_pooling_layer": False} if family in ("vit", "roberta") else {}
+    base = AutoModel.from_config(make_config(family), **base_options)
+    base_dir = root / f"{family}-base"
+    base.save_pretrained(base_dir)
+    experts = {}
+    for index in range(n_experts):
+        name = f"task{index}"
+        labels = 2 + index
+        if task_heads:
+            head_cls = AutoModelForImageClassification if family == "vit" else AutoModelForSequenceClassification
+            torch.manual_seed(100 + index)
+            model = head_cls.from_config(make_config(family, num_labels=labels))
+            prefix = model.base_model_prefix
+            getattr(model, prefix).load_state_dict(base.state_dict())
+        else:
+            model = AutoModel.from_config(make_config(family), **base_options)
+            model.load_state_dict(base.state_dict())
+        perturb_(model, seed=index)
+        expert_dir = root / f"{family}-{name}"
+        model.save_pretrained(expert_dir)
+        experts[name] = expert_dir
+    return base_dir, experts
+
+
+def tree_hashes(paths) -> dict[str, str]:
+    """sha256 of every file under the given folders, to prove inputs were never modified."""
+    hashes = {}
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            hashes[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """family -> (base_dir, {task: expert_dir}); built once per test session."""
+    root = tmp_path_factory.mktemp("families")
+    return {family: build_family(root, family) for family in TINY_CONFIGS}
