@@ -40,7 +40,7 @@ def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn
 
 def build_family(root: Path, family: str, n_experts: int = 3, task_heads: bool = True) -> tuple[Path, dict[str, Path]]:
     """Save a tiny base (AutoModel) and experts (with classification heads where the family has them)."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForImageClassification
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     # ViT and RoBERTa task models have no pooler, so neither may their base.
@@ -84,3 +84,13 @@ def family_models(tmp_path_factory):
     """family -> (base_dir, {task: expert_dir}); built once per test session."""
     root = tmp_path_factory.mktemp("families")
     return {family: build_family(root, family) for family in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread pool's
+    contention makes them many times slower; use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

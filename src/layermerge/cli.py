@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except LayermergeError as exc:
-        print(f"layermerge: error: {exc}", file=sys.stderr)
+        # One line, whatever the message: a multi-line error from a library is folded, not printed raw.
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"layermerge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layermerge: interrupted; no output was written", file=sys.stderr)

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from layermerge.datadriven import EngineConfig
 from layermerge.errors import ConfigError
+from layermerge.fewshot import DataConfig
 from layermerge.methods.registry import available_methods, get_method, validate_params
 
 
@@ -28,6 +30,8 @@ class MergeConfig(BaseModel):
     vocab_policy: Literal["error", "base_rows"] = Field(
         "error", description="what to do when experts added tokens: stop, or merge only the base's rows")
     head_keys: list[str] = Field(default_factory=list, description="extra key substrings to keep per task")
+    data: DataConfig | None = Field(None, description="few-shot data of data-driven methods (prodistill...)")
+    engine: EngineConfig | None = Field(None, description="block engine options of data-driven methods")
 
     @field_validator("experts")
     @classmethod
@@ -44,6 +48,16 @@ class MergeConfig(BaseModel):
             raise ValueError(f"unknown method {value!r}; allowed: {', '.join(methods)}")
         return value
 
+    @model_validator(mode="after")
+    def _data_matches_method(self) -> MergeConfig:
+        kind = available_methods()[self.method].kind
+        if kind == "block" and self.data is None:
+            raise ValueError(f"method {self.method!r} learns from a few examples per task and needs a 'data' "
+                             "section, e.g. data: {shots: 16, tasks: {sst2: {task: sst2}}}")
+        if kind != "block" and (self.data is not None or self.engine is not None):
+            raise ValueError(f"method {self.method!r} is data-free: remove the 'data' and 'engine' sections")
+        return self
+
     def resolve_paths(self, relative_to: Path) -> MergeConfig:
         def fix(path: str | None) -> str | None:
             if path is None:
@@ -54,7 +68,22 @@ class MergeConfig(BaseModel):
         return self.model_copy(update={
             "base": fix(self.base), "experts": {k: fix(v) for k, v in self.experts.items()},
             "output": fix(self.output),
+            "data": self.data.resolve_paths(relative_to) if self.data is not None else None,
+            "engine": self.engine.resolve_paths(relative_to) if self.engine is not None else None,
         })
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key was found (top level, data, data.tasks.<name>, engine)."""
+    from layermerge.fewshot import TaskDataConfig
+
+    if len(loc) >= 2 and loc[0] == "engine":
+        return list(EngineConfig.model_fields)
+    if len(loc) >= 4 and loc[:2] == ("data", "tasks"):
+        return list(TaskDataConfig.model_fields)
+    if len(loc) >= 2 and loc[0] == "data":
+        return list(DataConfig.model_fields)
+    return list(MergeConfig.model_fields)
 
 
 def _format_validation_error(source: str, exc: ValidationError) -> str:
@@ -62,7 +91,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
-            allowed = ", ".join(MergeConfig.model_fields)
+            allowed = ", ".join(_fields_at(error["loc"]))
             problems.append(f"unknown key {where!r} (allowed keys: {allowed})")
         elif error["type"] == "missing":
             problems.append(f"missing required key {where!r}")
@@ -89,5 +118,8 @@ def load_config(path: str | Path) -> MergeConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     return parse_config(data, source=str(path), relative_to=path.parent.resolve())

@@ -92,13 +92,23 @@ def _write_side_files(writer: CheckpointWriter, heads, head_meta, task_extras, c
 def merge(base: str | Path | None, experts: dict[str, str | Path], method: str = "task_arithmetic", *,
           output: str | Path | None = None, overwrite: bool = False, max_shard_size: str | int = "5GB",
           dtype: str | None = None, vocab_policy: str = "error", head_keys: list[str] | None = None,
-          quiet: bool = False, config_record: dict | None = None, **params) -> MergedModel:
-    """Merge ``experts`` (fine-tuned from ``base``) with a registered data-free method.
+          quiet: bool = False, config_record: dict | None = None, data=None, **params) -> MergedModel:
+    """Merge ``experts`` (fine-tuned from ``base``) with a registered method.
 
     With ``output`` the result streams straight to a Hugging Face folder; without it, the merged
-    state dict is returned in memory (fine for small models).
+    state dict is returned in memory (fine for small models). Data-driven methods (ProDistill...)
+    take few-shot ``data`` and engine options; see ``layermerge.datadriven.merge_with_data``.
     """
     info = get_method(method)
+    if info.kind == "block":
+        from layermerge.datadriven import merge_with_data
+
+        return merge_with_data(base, experts, method, data=data, output=output, overwrite=overwrite,
+                               max_shard_size=max_shard_size, dtype=dtype, vocab_policy=vocab_policy,
+                               head_keys=head_keys, quiet=quiet, config_record=config_record, **params)
+    if data is not None:
+        raise ConfigError(f"method {method!r} is data-free and takes no data; drop data=, or choose a "
+                          "data-driven method such as prodistill")
     if info.kind != "tensor":
         raise ConfigError(f"method {method!r} needs data; use the data-driven entry point for it")
     validated = validate_params(info, params)
@@ -108,7 +118,8 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
         raise ConfigError(f"method {method!r} works on task vectors and needs a base model")
     count = len(expert_set.experts)
     if count < info.min_experts or (info.max_experts is not None and count > info.max_experts):
-        limit = f"exactly {info.min_experts}" if info.min_experts == info.max_experts else f"at least {info.min_experts}"
+        exact = info.min_experts == info.max_experts
+        limit = f"exactly {info.min_experts}" if exact else f"at least {info.min_experts}"
         raise ConfigError(f"method {method!r} needs {limit} experts, got {count}")
     algorithm = info.cls(validated, expert_set.names)
     out_dtype = resolve_dtype(dtype)
@@ -123,7 +134,6 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
             algorithm.observe(pass_index, key, base_t, expert_ts)
         algorithm.end_pass(pass_index)
 
-    heads = {task: expert_set.head_state(task) for task in expert_set.names}
     head_meta = {e.name: {"prefix": e.prefix, "config": e.reader.config} for e in expert_set.experts}
     config = reference.config
     base_folder = reference.folder
@@ -133,6 +143,7 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
         for key, base_t, expert_ts in tqdm(expert_set.iter_merge_tensors(), total=len(keys), disable=quiet,
                                            desc=f"{method}: merging", unit="tensor"):
             result = algorithm.merge_tensor(key, base_t, expert_ts)
+            del base_t, expert_ts  # free this key's inputs before the output is cast and written
             if not isinstance(result, TensorResult):
                 result = TensorResult(result)
             target = out_dtype or reference.dtype(ref_prefix + key)
@@ -144,11 +155,12 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
             state[key] = tensor
             for task, extra in per_task.items():
                 extras[task][key] = extra
+        heads = {task: expert_set.head_state(task) for task in expert_set.names}
         summary = {**algorithm.summary(), "seconds": round(time.perf_counter() - started, 3)}
-        return MergedModel(state, heads, head_meta, config, method, param_record, {t: e for t, e in extras.items() if e},
-                           summary, base_folder=base_folder)
+        extras = {task: tensors for task, tensors in extras.items() if tensors}
+        return MergedModel(state, heads, head_meta, config, method, param_record, extras, summary,
+                           base_folder=base_folder)
 
-    inputs = {str(r.path): r.file_hashes() for r in _readers(expert_set)}
     with CheckpointWriter(output, inputs=expert_set.input_paths(), overwrite=overwrite,
                           max_shard_size=max_shard_size) as writer:
         extra_writers = {}
@@ -158,13 +170,22 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
                 if task not in extra_writers:
                     extra_writers[task] = writer.stream_writer(f"task_extras/{task}")
                 extra_writers[task].add(key, extra)
+        # Heads (usually at the end of an expert's file) and the input hashes come after the merge:
+        # the readers hash each file along with the reads, so in this order hashing costs almost no I/O.
+        heads = {task: expert_set.head_state(task) for task in expert_set.names}
+        inputs = {str(r.path): r.file_hashes() for r in _readers(expert_set)}
         summary = {**algorithm.summary(), "seconds": round(time.perf_counter() - started, 3)}
         _write_side_files(writer, heads, head_meta, {}, config, base_folder, method, param_record, summary,
                           inputs)
-        record = config_record or {
+        # The effective parameters (defaults filled in) are recorded, so a re-run does not depend on
+        # this version's defaults.
+        record = {**config_record, "params": param_record} if config_record else {
             "base": str(expert_set.base.path) if expert_set.base is not None else None,
             "experts": {e.name: str(e.reader.path) for e in expert_set.experts},
-            "method": method, "params": param_record, "dtype": dtype, "vocab_policy": vocab_policy,
+            "method": method, "params": param_record,
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+            "max_shard_size": max_shard_size, "vocab_policy": expert_set.vocab_policy,
+            "head_keys": list(expert_set.extra_head_patterns),
         }
         writer.write_text("layermerge.yaml", yaml.safe_dump(record, sort_keys=False))
     return MergedModel(None, heads, head_meta, config, method, param_record, summary=summary,

@@ -1,6 +1,13 @@
-"""`layermerge merge CONFIG.yaml --output DIR`."""
+"""`layermerge merge CONFIG.yaml --output DIR`.
+
+Data-driven methods (prodistill, distillmerge) take the config's ``data:`` and ``engine:`` sections;
+the engine flags below override the latter. Under ``torchrun --nproc-per-node N -m layermerge merge``
+they run data-parallel over the few-shot examples (rank 0 writes the output).
+"""
 
 from __future__ import annotations
+
+import os
 
 from layermerge.config import load_config
 from layermerge.errors import ConfigError
@@ -12,7 +19,33 @@ def add_parser(subparsers):
     parser.add_argument("--output", "-o", help="output folder (overrides the config's output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    engine = parser.add_argument_group("data-driven methods (override the config's engine section)")
+    engine.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its last finished block")
+    engine.add_argument("--cache-budget", metavar="SIZE", help="RAM for cached activations, e.g. 2GB; "
+                                                               "beyond it they spill to disk")
+    engine.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    engine.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="dtype of block compute")
+    engine.add_argument("--checkpoint-dir", metavar="DIR", help="per-block checkpoints (default: OUTPUT.checkpoint)")
+    engine.add_argument("--plot-coefficients", action="store_true",
+                        help="also write <method>/coefficients.png (learned coefficients per block)")
     return parser
+
+
+# What layermerge.yaml records of the config: data-free records stay as they were before data sections.
+RECORD_EXCLUDED = {False: {"output", "data", "engine"}, True: {"output"}}
+ENGINE_FLAGS = {"resume": "resume", "cache_budget": "cache_budget", "device": "device",
+                "compute_dtype": "compute_dtype", "checkpoint_dir": "checkpoint_dir",
+                "plot_coefficients": "plot_coefficients"}
+
+
+def _engine_overrides(args) -> dict:
+    overrides = {}
+    for flag, option in ENGINE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value not in (None, False):
+            overrides[option] = value
+    return overrides
 
 
 def run(args) -> int:
@@ -22,10 +55,21 @@ def run(args) -> int:
     output = args.output or config.output
     if output is None:
         raise ConfigError(f"{args.config}: no output folder; pass --output DIR or set 'output' in the config")
+    overrides = _engine_overrides(args)
+    extra = {}
+    if config.data is not None:
+        engine = {**(config.engine.model_dump(exclude_unset=True) if config.engine is not None else {}), **overrides}
+        extra = {"data": config.data, **engine}
+    elif overrides:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)} only apply to data-driven "
+                          f"methods; {config.method!r} is data-free")
+    record = config.model_dump(exclude=RECORD_EXCLUDED[config.data is not None])
+    if config.data is not None:
+        record["data"] = config.data.model_dump(exclude_none=True)
+        record["engine"] = config.engine.model_dump(exclude_none=True, exclude={"resume"}) if config.engine else {}
     merged = merge(config.base, config.experts, config.method, output=output, overwrite=args.overwrite,
                    max_shard_size=config.max_shard_size, dtype=config.dtype, vocab_policy=config.vocab_policy,
-                   head_keys=config.head_keys, quiet=args.quiet,
-                   config_record=config.model_dump(exclude={"output"}), **config.params)
-    if not args.quiet:
+                   head_keys=config.head_keys, quiet=args.quiet, config_record=record, **extra, **config.params)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":        # under torchrun only rank 0 reports
         print(f"merged {len(config.experts)} experts with {config.method} -> {merged.path}")
     return 0

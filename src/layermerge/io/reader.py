@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +48,75 @@ def sha256_of_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+class _ReadAlongHash:
+    """sha256 of one safetensors file, computed from the tensors as they are read.
+
+    Hashing the inputs for the model card used to read every file a second time, which doubles the
+    I/O of a merge when the inputs do not stay in the page cache. A merge reads nearly every byte
+    of every input anyway, usually in file order, so the digest is fed from those reads: each
+    tensor's bytes extend the digest when they are the next bytes of the file; a tensor further on
+    first pulls the bytes in between from disk; a tensor already behind the hashed prefix adds
+    nothing. ``hexdigest`` reads whatever the merge never asked for. The result is exactly
+    ``sha256_of_file``, at no extra I/O when the reads come in file order, and at worst one extra
+    pass, as before.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            header = handle.read(int.from_bytes(prefix, "little")) if len(prefix) == 8 else b""
+        try:
+            entries = json.loads(header)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"cannot read the safetensors header of {path}: {exc}") from exc
+        data_start = 8 + len(header)
+        self.ranges = {key: (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+                       for key, entry in entries.items() if key != "__metadata__"}
+        self.digest.update(prefix + header)
+        self.hashed = data_start          # bytes [0, hashed) are in the digest
+        self.result: str | None = None
+
+    def _pull(self, stop: int) -> None:
+        """Hash bytes [hashed, stop) straight from the file."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.hashed)
+            while self.hashed < stop:
+                block = handle.read(min(stop - self.hashed, 1 << 24))
+                if not block:
+                    break
+                self.digest.update(block)
+                self.hashed += len(block)
+
+    def observe(self, key: str, tensor: torch.Tensor) -> None:
+        if self.result is not None or key not in self.ranges:
+            return
+        start, stop = self.ranges[key]
+        if stop <= self.hashed or stop - start != tensor.numel() * tensor.element_size():
+            return
+        if start > self.hashed:
+            self._pull(start)
+        if start == self.hashed:
+            if stop > start:
+                self.digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self.hashed = stop
+
+    def hexdigest(self) -> str:
+        if self.result is None:
+            self._pull(self.path.stat().st_size)
+            self.result = self.digest.hexdigest()
+        return self.result
+
+
+def _one_line(exc: Exception) -> str:
+    """torch.load's errors span many lines with terminal escapes; keep the line that says what failed."""
+    lines = [" ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split()) for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+    return reason or type(exc).__name__
+
+
 class CheckpointReader:
     """Read-only, lazy view of one checkpoint: key names, shapes and dtypes up front, tensors on demand."""
 
@@ -55,10 +125,12 @@ class CheckpointReader:
         if not self.path.exists():
             raise CheckpointError(f"checkpoint not found: {self.path}")
         self.folder: Path | None = self.path if self.path.is_dir() else None
+        # Set before discovery, which already loads (memory-maps) a bare pickle to list its keys.
+        self._pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._hashers: dict[Path, _ReadAlongHash] = {}
         self._key_to_file: dict[str, Path] = self._locate_tensors()
         if not self._key_to_file:
             raise CheckpointError(f"checkpoint {self.path} contains no tensors")
-        self._pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- discovery
     def _locate_tensors(self) -> dict[str, Path]:
@@ -110,13 +182,16 @@ class CheckpointReader:
             cache = self._pickle_cache = {}
         if file_path not in cache:
             try:
-                state = torch.load(file_path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                # Old (non-zip) serialisation cannot be memory-mapped; it is loaded eagerly instead.
-                state = torch.load(file_path, map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(file_path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    # Old (non-zip) serialisation cannot be memory-mapped; it is loaded eagerly instead.
+                    state = torch.load(file_path, map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise CheckpointError(
-                    f"cannot load {file_path} safely with torch.load(weights_only=True): {exc}. "
+                    f"cannot load {file_path} safely with torch.load(weights_only=True): {_one_line(exc)}. "
                     "Convert it to safetensors or a plain state dict of tensors."
                 ) from exc
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -177,8 +252,15 @@ class CheckpointReader:
         file_path = self._file_of(key)
         if file_path.suffix == ".safetensors":
             with safe_open(str(file_path), framework="pt") as handle:
-                return handle.get_tensor(key)
+                tensor = handle.get_tensor(key)
+            self._hasher(file_path).observe(key, tensor)
+            return tensor
         return self._load_pickle(file_path)[key].clone()
+
+    def _hasher(self, file_path: Path) -> _ReadAlongHash:
+        if file_path not in self._hashers:
+            self._hashers[file_path] = _ReadAlongHash(file_path)
+        return self._hashers[file_path]
 
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys if keys is not None else self.keys():
@@ -210,8 +292,13 @@ class CheckpointReader:
         return sorted(set(self._key_to_file.values()))
 
     def file_hashes(self) -> dict[str, str]:
-        """sha256 of every weight file, for the model card."""
-        return {str(p): sha256_of_file(p) for p in self.weight_files}
+        """sha256 of every weight file, for the model card.
+
+        Safetensors files are hashed along with the tensor reads (see ``_ReadAlongHash``), so
+        calling this after a merge costs only the bytes the merge did not read.
+        """
+        return {str(p): self._hasher(p).hexdigest() if p.suffix == ".safetensors" else sha256_of_file(p)
+                for p in self.weight_files}
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors)"

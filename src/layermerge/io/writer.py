@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from layermerge.errors import OutputError
+from layermerge.io.reader import _SAFETENSORS_DTYPES
 
 # Files copied verbatim from the base folder so the output loads like the base.
 COPIED_FILE_PATTERNS = (
@@ -27,34 +28,45 @@ COPIED_FILE_PATTERNS = (
     "chat_template.jinja", "chat_template.json",
 )
 
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items() if dtype is not None}
+
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5_000_000_000; integers are bytes."""
     if isinstance(size, int):
-        return size
+        return parse_size(str(size))
     text = size.strip().upper().replace(" ", "")
     for unit in sorted(SIZE_UNITS, key=len, reverse=True):
         if text.endswith(unit):
             number = text[: -len(unit)]
             try:
-                return int(float(number) * SIZE_UNITS[unit])
+                text = str(int(float(number) * SIZE_UNITS[unit]))
             except ValueError:
-                break
+                pass
+            break
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise OutputError(f"cannot parse size {size!r}: use bytes or a number with B, KB, MB, GB, MiB, GiB") from None
+    if value <= 0:
+        raise OutputError(f"size {size!r} must be positive, e.g. 500MB or 5GB")
+    return value
 
 
 def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse to write into (or over) any input, and refuse to replace an existing output silently."""
     output = output.expanduser().resolve()
     for source in inputs:
-        source = source.expanduser().resolve()
-        folder = source if source.is_dir() else source.parent
-        if output == folder or folder in output.parents or output in folder.parents or output == source:
+        source = Path(source).expanduser().resolve()
+        # A folder input is off limits inside and above; a bare weights file only itself and above it,
+        # so ``models/merged`` beside ``models/w.safetensors`` is allowed.
+        if source.is_dir():
+            overlaps = output == source or source in output.parents or output in source.parents
+        else:
+            overlaps = output == source or output in source.parents
+        if overlaps:
             raise OutputError(
                 f"refusing to write the output to {output}: it overlaps the input {source}. "
                 "Choose an output folder outside every input."
@@ -66,35 +78,65 @@ def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> 
 
 
 class ShardedSafetensorsWriter:
-    """Accumulates tensors and writes them as ``model-XXXXX-of-YYYYY.safetensors`` shards with an index."""
+    """Streams tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards (plus an index when sharded).
+
+    A safetensors file starts with a header listing every tensor's offsets, which is only known once
+    the shard is complete. Rather than holding a whole shard in memory until then (up to
+    ``max_shard_bytes``, gigabytes for a large model), each tensor's bytes go straight to a scratch
+    data file; closing the shard writes the header and appends the data with an in-kernel copy.
+    Memory use is therefore one tensor, whatever the shard size.
+    """
 
     def __init__(self, folder: Path, max_shard_bytes: int, prefix: str = "model", metadata: dict | None = None):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self.prefix = prefix
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._data = None            # open scratch file holding the current shard's tensor bytes
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
         self._shards: list[tuple[str, list[str]]] = []  # temp file name, keys
+        self._seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._seen:
+            raise OutputError(f"tensor {key!r} was written twice to {self.folder}")
+        dtype_name = _SAFETENSORS_NAMES.get(tensor.dtype)
+        if dtype_name is None:
+            raise OutputError(f"cannot store tensor {key!r} of dtype {tensor.dtype} in safetensors")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+        if self._entries and self._offset + size > self.max_shard_bytes:
             self._flush()
-        # clone() detaches from shared storage (tied weights) which safetensors refuses to save.
-        self._pending[key] = tensor.detach().to("cpu").contiguous().clone()
-        self._pending_bytes += size
+        if self._data is None:
+            self._data = open(self.folder / f"{self.prefix}-part{len(self._shards):05d}.data", "wb")
+        if size:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            self._data.write(flat.view(torch.uint8).numpy().data)
+        self._entries[key] = {"dtype": dtype_name, "shape": list(tensor.shape),
+                              "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
+        self._seen.add(key)
         self.total_bytes += size
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._data is None:
             return
+        data_path = Path(self._data.name)
+        self._data.close()
+        self._data = None
         temp_name = f"{self.prefix}-part{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(self.folder / temp_name), metadata=self.metadata)
-        self._shards.append((temp_name, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # data starts 8-byte aligned, as safetensors itself writes
+        with open(self.folder / temp_name, "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            out.flush()
+            _copy_file(data, out, self._offset)
+        data_path.unlink()
+        self._shards.append((temp_name, list(self._entries)))
+        self._entries = {}
+        self._offset = 0
 
     def close(self) -> list[str]:
         """Flush, give shards their final names, write the index when sharded. Returns file names."""
@@ -116,6 +158,26 @@ class ShardedSafetensorsWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def _copy_file(source, target, length: int) -> None:
+    """Append ``length`` bytes of ``source`` to ``target``: in the kernel where possible, else in chunks."""
+    remaining = length
+    if hasattr(os, "copy_file_range"):
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(source.fileno(), target.fileno(), remaining)
+                if copied == 0:
+                    break
+                remaining -= copied
+        except OSError:
+            pass  # e.g. unsupported by this file system: continue below from where it stopped
+    while remaining > 0:
+        block = source.read(min(remaining, 1 << 24))
+        if not block:
+            raise OutputError(f"scratch file {source.name} ended {remaining} bytes early; {target.name} is incomplete")
+        target.write(block)
+        remaining -= len(block)
 
 
 class CheckpointWriter:
@@ -145,9 +207,13 @@ class CheckpointWriter:
         if exc_type is not None:
             shutil.rmtree(self.temp, ignore_errors=True)
             return
-        self._model.close()
-        for stream in self._streams:
-            stream.close()
+        try:
+            self._model.close()
+            for stream in self._streams:
+                stream.close()
+        except BaseException:  # e.g. disk full while finishing a shard: leave nothing half-written behind
+            shutil.rmtree(self.temp, ignore_errors=True)
+            raise
         if self.output.exists():
             backup = self.output.with_name(f".{self.output.name}.old-{os.getpid()}")
             os.replace(self.output, backup)

@@ -39,7 +39,8 @@ class DataFreeMethod:
     def end_pass(self, pass_index: int) -> None:
         """Called after each statistics pass over all tensors."""
 
-    def merge_tensor(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor | TensorResult:
+    def merge_tensor(self, key: str, base: torch.Tensor,
+                     experts: list[torch.Tensor]) -> torch.Tensor | TensorResult:
         raise NotImplementedError
 
     def summary(self) -> dict:
@@ -48,5 +49,17 @@ class DataFreeMethod:
 
 
 def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-    """Stack of τ_i = θ_i − θ0, shape (T, *base.shape)."""
-    return torch.stack([expert - base for expert in experts])
+    """Stack of τ_i = θ_i − θ0, shape (T, *base.shape).
+
+    Subtracting straight into the stack (rather than stacking T temporaries) halves the peak
+    memory and the page-faulting of this step; the values are the same.
+    """
+    if base.requires_grad or any(expert.requires_grad for expert in experts):
+        return torch.stack([expert - base for expert in experts])  # out= does not support autograd
+    dtype = base.dtype
+    for expert in experts:
+        dtype = torch.promote_types(dtype, expert.dtype)
+    stacked = torch.empty((len(experts), *base.shape), dtype=dtype, device=base.device)
+    for index, expert in enumerate(experts):
+        torch.sub(expert, base, out=stacked[index])
+    return stacked

@@ -1,0 +1,105 @@
+"""Turning rows into model inputs: tokenisation for text, resizing and normalisation for images.
+
+Text is padded per batch to its longest row (dynamic padding), so batches of short sentences cost
+little; ``length_grouped_batches`` makes batches of similar lengths to waste even less on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from layermerge.data.sources import TaskData
+from layermerge.data.tasks import Task
+from layermerge.errors import DataError
+
+
+class TextCollator:
+    """rows -> {input_ids, attention_mask, [token_type_ids], labels} with a Hugging Face tokenizer."""
+
+    def __init__(self, tokenizer, task: Task, max_length: int = 128):
+        if not task.is_text:
+            raise DataError(f"task {task.name!r} is not a text task; use ImageCollator")
+        if max_length <= 0:
+            raise DataError(f"max_length must be positive, got {max_length}")
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        columns = [[row[field] for row in rows] for field in self.task.text_fields]
+        batch = dict(self.tokenizer(*columns, truncation=True, max_length=self.max_length, padding=True,
+                                    return_tensors="pt"))
+        dtype = torch.float32 if self.task.is_regression else torch.long
+        batch["labels"] = torch.tensor([row[self.task.label_field] for row in rows], dtype=dtype)
+        return batch
+
+
+class ImageCollator:
+    """rows -> {pixel_values (N×C×R×R float), labels}.
+
+    uint8 images are scaled to [0, 1], gray images repeated to 3 channels when the model wants RGB
+    (RGB averaged to gray when it wants 1), resized to ``resolution`` (bilinear, antialiased) and
+    normalised as (x − mean) / std per channel; EfficientNet-Lite wants mean = std = 0.5.
+    """
+
+    def __init__(self, resolution: int | None = None, channels: int = 3,
+                 mean: Sequence[float] | float = 0.5, std: Sequence[float] | float = 0.5):
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels}")
+        self.resolution, self.channels = resolution, channels
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        if (self.std == 0).any():
+            raise DataError(f"normalisation std must be non-zero, got {std}")
+
+    def images_to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and self.channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        if self.resolution is not None and tuple(x.shape[-2:]) != (self.resolution, self.resolution):
+            downsampling = self.resolution < x.shape[-1]
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
+                              align_corners=False, antialias=downsampling)
+        return (x - self.mean) / self.std
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        images = np.stack([row["image"] for row in rows])
+        labels = torch.tensor([row["label"] for row in rows], dtype=torch.long)
+        return {"pixel_values": self.images_to_tensor(images), "labels": labels}
+
+
+def row_lengths(data: TaskData) -> np.ndarray:
+    """Character length of each row's text (a cheap stand-in for token length); zeros for images."""
+    if not data.task.is_text:
+        return np.zeros(len(data), dtype=np.int64)
+    return np.array([sum(len(str(data[i][f])) for f in data.task.text_fields) for i in range(len(data))])
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
+                           group_batches: int = 50) -> list[np.ndarray]:
+    """Batches of row indices with similar lengths, so dynamic padding wastes little.
+
+    Without shuffling, rows are sorted by length (evaluation order does not matter). With shuffling,
+    rows are shuffled, cut into groups of ``group_batches`` batches, sorted by length inside each
+    group, and the batches shuffled again: random like plain shuffling, but with little padding.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    n = len(lengths)
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    group = batch_size * group_batches
+    batches = []
+    for start in range(0, n, group):
+        chunk = order[start:start + group]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -1,0 +1,143 @@
+"""Per-task evaluation of a model, an expert folder, or a merged output folder.
+
+A merged folder is evaluated task by task: for each task the merged backbone is joined with that
+task's own head (``load_model``), exactly as a user would deploy it. Rows are batched by length
+so dynamic padding costs little; predictions are put back in data order before scoring.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layermerge.data.collate import TextCollator, length_grouped_batches, row_lengths
+from layermerge.data.models import (
+    forward_logits,
+    image_collator_for,
+    load_model,
+    load_tokenizer,
+    vision_spec_of,
+)
+from layermerge.data.sources import TaskData, load_split
+from layermerge.data.tasks import Task, get_task
+from layermerge.errors import DataError
+from layermerge.eval.metrics import task_score
+
+ModelSource = str | Path | nn.Module
+
+
+@dataclass
+class TaskResult:
+    """One task's score (percent), its parts (accuracy, F1...), and how it was obtained."""
+
+    task: str
+    metric: str
+    score: float
+    parts: dict[str, float]
+    examples: int
+    split: str
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> TaskResult:
+        return cls(**record)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, task: Task, data: TaskData, collator: Callable, batch_size: int = 64,
+            quiet: bool = True, desc: str | None = None) -> np.ndarray:
+    """Class ids (or regression values) for every row of ``data``, in data order."""
+    model.eval()
+    predictions = np.zeros(len(data), dtype=np.float32 if task.is_regression else np.int64)
+    batches = length_grouped_batches(row_lengths(data), batch_size, shuffle=False)
+    for indices in tqdm(batches, disable=quiet, desc=desc or task.name, unit="batch", leave=False):
+        batch = collator([data[int(i)] for i in indices])
+        logits = forward_logits(model, batch).float()
+        if task.is_regression:
+            predictions[indices] = logits.reshape(len(indices), -1)[:, 0].numpy()
+        else:
+            predictions[indices] = logits.argmax(dim=-1).numpy()
+    return predictions
+
+
+def score_predictions(task: Task, predictions: np.ndarray, data: TaskData,
+                      seconds: float = 0.0) -> TaskResult:
+    score, parts = task_score(task.metric, predictions, data.labels)
+    return TaskResult(task.name, task.metric, score, parts, len(data), data.split, round(seconds, 3))
+
+
+def collator_for(source: ModelSource, task: Task, tokenizer=None, max_length: int = 128,
+                 image_collator: Callable | None = None) -> Callable:
+    """Tokenise with the given tokenizer (or the folder's own); preprocess images as the model's spec says."""
+    if task.is_text:
+        if tokenizer is None:
+            if not isinstance(source, (str, Path)):
+                raise DataError(f"task {task.name!r} is a text task: pass tokenizer= with an in-memory model")
+            tokenizer = source
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
+        return TextCollator(tokenizer, task, max_length)
+    if image_collator is not None:
+        return image_collator
+    spec = vision_spec_of(source, task) if isinstance(source, (str, Path)) else None
+    if spec is None:
+        raise DataError(f"task {task.name!r} is an image task: pass image_collator= (an ImageCollator) "
+                        "or a saved layermerge vision model folder")
+    return image_collator_for(spec)
+
+
+def evaluate_task(source: ModelSource, task: str | Task, split: str = "test",
+                  max_examples: int | None = None, *, batch_size: int = 64, max_length: int = 128,
+                  tokenizer=None, image_collator=None,
+                  data_dir: str | Path | None = None, seed: int = 0, quiet: bool = True,
+                  desc: str | None = None) -> TaskResult:
+    """Score one task. ``source`` is a folder (expert or merged) or an in-memory model."""
+    task = get_task(task)
+    data = load_split(task, split, data_dir=data_dir).take(max_examples, seed)
+    model = load_model(source, task) if isinstance(source, (str, Path)) else source
+    collator = collator_for(source, task, tokenizer, max_length, image_collator)
+    started = time.perf_counter()
+    predictions = predict(model, task, data, collator, batch_size, quiet=quiet, desc=desc)
+    return score_predictions(task, predictions, data, time.perf_counter() - started)
+
+
+def evaluate(model_or_folder: ModelSource | Mapping[str, ModelSource], tasks: Sequence[str | Task] | str,
+             split: str = "test", max_examples: int | None = None, *, batch_size: int = 64,
+             max_length: int = 128, tokenizer=None, image_collator=None,
+             data_dir: str | Path | None = None, seed: int = 0,
+             quiet: bool = False) -> dict[str, TaskResult]:
+    """Evaluate on each task's ``split`` (at most ``max_examples`` rows, a seeded subset).
+
+    ``model_or_folder``: a merged output folder (each task uses the merged backbone + its own head),
+    an expert folder or in-memory model (used for every task), or ``{task: folder_or_model}``.
+    """
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t.strip()]
+    resolved = [get_task(t) for t in tasks]
+    if not resolved:
+        raise DataError("no tasks to evaluate: give at least one task name")
+    results = {}
+    for task in tqdm(resolved, disable=quiet or len(resolved) < 2, desc="tasks", unit="task"):
+        if isinstance(model_or_folder, Mapping):
+            if task.name not in model_or_folder:
+                raise DataError(f"no model given for task {task.name!r}; models were given for "
+                                f"{', '.join(model_or_folder)}")
+            source = model_or_folder[task.name]
+        else:
+            source = model_or_folder
+        results[task.name] = evaluate_task(source, task, split, max_examples, batch_size=batch_size,
+                                           max_length=max_length, tokenizer=tokenizer,
+                                           image_collator=image_collator, data_dir=data_dir, seed=seed,
+                                           quiet=quiet)
+    return results

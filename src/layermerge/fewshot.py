@@ -1,0 +1,166 @@
+"""Few-shot inputs for data-driven merges: the config's ``data:`` section, or batches built by hand.
+
+The engine wants ``{task: [batch, ...]}`` with each batch a dict of model inputs. From a config,
+each expert's examples are drawn with ``layermerge.data.sample_few_shot`` (seeded, stratified,
+train split only) and collated with the data package's collators (the base's tokenizer for text,
+the expert's preprocessing for images). Labels are never passed: the methods are unsupervised.
+Hand-built batches go through the same adaptation to the template's ``forward`` (``labels`` and
+inputs the model does not take are dropped; ``pixel_values`` goes to a model whose first argument
+has another name, e.g. EfficientNet's ``inputs``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from layermerge.errors import ConfigError, DataError
+
+LABEL_KEYS = ("labels", "label")
+
+
+class TaskDataConfig(BaseModel):
+    """Where one expert's few-shot examples come from; unset fields take the ``data:`` defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = Field(None, description="registered task name (default: the expert's name), e.g. sst2")
+    split: Literal["train", "validation"] | None = Field(None, description="split to draw from")
+    shots: int | None = Field(None, ge=1, description="examples of this task")
+    seed: int | None = Field(None, description="sampling seed")
+    max_length: int | None = Field(None, ge=1, description="tokens per text example")
+
+
+class DataConfig(BaseModel):
+    """The ``data:`` section of a merge config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: dict[str, TaskDataConfig] = Field(
+        default_factory=dict, description="expert name -> its data source; experts not listed use their own "
+                                          "name as the task and the defaults below")
+    shots: int = Field(16, ge=1, description="examples per task (K), drawn stratified from the train split")
+    seed: int = Field(0, description="sampling seed")
+    split: Literal["train", "validation"] = Field("train", description="split to draw from (never test)")
+    max_length: int = Field(128, ge=1, description="tokens per text example")
+    batch_size: int = Field(16, ge=1, description="examples per cached batch (the methods' steps group "
+                                                  "whole batches)")
+    data_dir: str | None = Field(None, description="folder holding glue/ and vision/ (default: "
+                                                   "$LAYERMERGE_DATA or ../shared/data)")
+    tokenizer: str | None = Field(None, description="tokenizer folder (default: the base model's folder)")
+
+    def resolve_paths(self, relative_to: Path) -> DataConfig:
+        def fix(path: str | None) -> str | None:
+            if path is None:
+                return None
+            candidate = Path(path).expanduser()
+            return str(candidate if candidate.is_absolute() else (relative_to / candidate).resolve())
+
+        return self.model_copy(update={"data_dir": fix(self.data_dir), "tokenizer": fix(self.tokenizer)})
+
+
+def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[dict]]:
+    """``{expert name: [collated batch, ...]}`` as the ``data:`` section describes."""
+    from layermerge.data import TextCollator, get_task, load_split, load_tokenizer, sample_few_shot
+
+    if not isinstance(config, DataConfig):
+        config = DataConfig(**config)
+    unknown = sorted(set(config.tasks) - set(expert_set.names))
+    if unknown:
+        raise ConfigError(f"data.tasks names {unknown}, which are not experts; experts are {expert_set.names}")
+    tokenizer = None
+    batches: dict[str, list[dict]] = {}
+    for name in expert_set.names:
+        spec = config.tasks.get(name) or TaskDataConfig()
+        try:
+            task = get_task(spec.task or name)
+        except DataError as exc:
+            raise ConfigError(f"{exc}. Name the task of expert '{name}' with data.tasks.{name}.task") from None
+        shots = spec.shots or config.shots
+        seed = config.seed if spec.seed is None else spec.seed
+        split = spec.split or config.split
+        if split == "train":
+            rows = sample_few_shot(task, shots, seed, data_dir=config.data_dir)
+        else:
+            rows = load_split(task, split, data_dir=config.data_dir).take(shots, seed)
+        if task.is_text:
+            if tokenizer is None:
+                tokenizer = load_tokenizer(config.tokenizer or expert_set.reference.folder)
+            collate = TextCollator(tokenizer, task, spec.max_length or config.max_length)
+        else:
+            collate = _image_collator(expert_set.expert(name).reader, name)
+        batches[name] = [collate([rows[i] for i in range(start, min(start + config.batch_size, len(rows)))])
+                         for start in range(0, len(rows), config.batch_size)]
+    return batches
+
+
+def _image_collator(reader, name: str):
+    from layermerge.data.models import image_collator_for, vision_spec_of
+
+    folder = reader.folder
+    spec = vision_spec_of(folder) if folder is not None else None
+    if spec is None:
+        raise DataError(f"expert '{name}' ({reader.path}) has no layermerge vision config, so its image "
+                        "preprocessing is unknown; pass pre-built pixel_values batches instead")
+    return image_collator_for(spec)
+
+
+def describe(data: Mapping[str, Sequence[Mapping]]) -> dict:
+    """Examples and batches per task, for the output's records."""
+    from layermerge.engine.driver import _input_batch_size
+
+    return {task: {"batches": len(batches),
+                   "examples": sum(_input_batch_size(batch, task, i) for i, batch in enumerate(batches))}
+            for task, batches in data.items()}
+
+
+def adapt_batches(model: torch.nn.Module, data: Mapping) -> dict[str, list[dict]]:
+    """Validate hand-built or collated batches and fit them to ``model.forward``'s arguments."""
+    if not isinstance(data, Mapping):
+        raise DataError(f"data must map each expert's name to a list of input batches (dicts of tensors), "
+                        f"got {type(data).__name__}")
+    parameters = _forward_parameters(model)
+    adapted = {}
+    for task, batches in data.items():
+        if isinstance(batches, Mapping):
+            batches = [batches]
+        if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
+            raise DataError(f"data['{task}'] must be a list of input batches (dicts of tensors), got "
+                            f"{type(batches).__name__}")
+        adapted[task] = [_adapt(dict(batch) if isinstance(batch, Mapping) else batch, parameters, task, i)
+                         for i, batch in enumerate(batches)]
+    return adapted
+
+
+def _forward_parameters(model: torch.nn.Module) -> list[str]:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    return [name for name, p in signature.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
+
+
+def _adapt(batch, parameters: list[str], task: str, position: int) -> dict:
+    if not isinstance(batch, dict) or not batch:
+        raise DataError(f"data['{task}'][{position}] must be a non-empty dict of model inputs "
+                        f"(e.g. {{'input_ids': ..., 'attention_mask': ...}}), got {type(batch).__name__}")
+    if not parameters:
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    out = {}
+    for key, value in batch.items():
+        if key in LABEL_KEYS:
+            continue
+        if key in parameters:
+            out[key] = value
+        elif key == "pixel_values" and parameters[0] not in batch:
+            out[parameters[0]] = value        # plain vision modules: forward(inputs) / forward(x)
+    if not out:
+        raise DataError(f"data['{task}'][{position}] has no input the model takes: keys {sorted(batch)}, "
+                        f"the model's forward takes {parameters[:6]}")
+    return out

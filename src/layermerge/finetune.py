@@ -1,0 +1,329 @@
+"""Fine-tuning experts, with a cache so that nothing is trained twice.
+
+Full fine-tuning: every weight trains, AdamW with weight decay on matrices only, a linear warm-up
+then linear decay to zero, gradient clipping, dropout as the model defines it, all randomness
+seeded. Text tasks use ``AutoModelForSequenceClassification`` (one output and MSE for regression);
+image tasks use a registered vision factory (``vision:efficientnet-lite0``, ``vision:small-cnn``).
+
+The result is a folder keyed by a sha256 of everything that determines it — the base's weight
+file hashes, the task's training file, every setting, and the layermerge version — with a
+``layermerge_finetune.json`` written last; a folder with the same key is a cache hit and is
+returned without training. Folders are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+from tqdm.auto import tqdm
+
+from layermerge import __version__
+from layermerge.data.collate import TextCollator, length_grouped_batches, row_lengths
+from layermerge.data.models import (
+    VisionFactory,
+    forward_logits,
+    get_vision_factory,
+    image_collator_for,
+    save_vision_base,
+    save_vision_model,
+    spec_for,
+)
+from layermerge.data.sources import TaskData, load_split
+from layermerge.data.tasks import Task, get_task
+from layermerge.errors import CheckpointError, ConfigError, OutputError
+
+MARKER = "layermerge_finetune.json"
+VISION_PREFIX = "vision:"
+HASH_LIMIT = 2 * 1024**3   # weight files above this are fingerprinted by size and mtime, not hashed
+
+
+class FinetuneSettings(BaseModel):
+    """Every knob of a fine-tuning run; all of them enter the cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(1, ge=1, description="passes over the training examples")
+    lr: float = Field(5e-5, gt=0, description="peak AdamW learning rate")
+    batch_size: int = Field(32, ge=1, description="examples per optimiser step")
+    max_length: int = Field(128, ge=8, description="tokens per text example (longer ones are truncated)")
+    max_train_examples: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps with a linear warm-up")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay on matrices (not biases or norms)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping threshold")
+    seed: int = Field(0, description="seeds head initialisation, data order and dropout")
+    image_size: int | None = Field(None, ge=8, description="image resolution (vision; default: the model's)")
+
+
+def make_settings(settings: FinetuneSettings | None = None, **overrides) -> FinetuneSettings:
+    """Settings from an object and/or keyword overrides, with one readable error for bad values."""
+    values = (settings or FinetuneSettings()).model_dump()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return FinetuneSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        raise ConfigError(f"fine-tuning settings: {problems}") from None
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    cached: bool
+    key: str
+    record: dict
+
+
+# --------------------------------------------------------------------------- cache
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$LAYERMERGE_CACHE``, else ``.cache/layermerge`` in the working directory."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser().resolve()
+    env = os.environ.get("LAYERMERGE_CACHE")
+    return Path(env).expanduser().resolve() if env else (Path.cwd() / ".cache" / "layermerge").resolve()
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes (size and mtime for files above HASH_LIMIT, to keep huge bases quick)."""
+    stat = path.stat()
+    if stat.st_size > HASH_LIMIT:
+        return f"size={stat.st_size},mtime={stat.st_mtime_ns}"
+    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    key = (path, size, mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def base_fingerprint(base: Path | VisionFactory) -> dict:
+    if isinstance(base, VisionFactory):
+        return {"vision": base.name, "weights": base.weights_id()}
+    from layermerge.io.reader import CheckpointReader
+
+    reader = CheckpointReader(base)
+    return {p.name: file_fingerprint(p) for p in reader.weight_files}
+
+
+def data_fingerprint(data: TaskData) -> str:
+    origin = Path(data.origin)
+    return file_fingerprint(origin) if origin.is_file() else data.origin
+
+
+def cache_key(base: Path | VisionFactory, task: Task, settings: FinetuneSettings, data: TaskData) -> str:
+    record = {"base": base_fingerprint(base), "task": task.name, "settings": settings.model_dump(),
+              "data": data_fingerprint(data), "layermerge": __version__}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- public entry point
+def resolve_base(base: str | Path | VisionFactory) -> Path | VisionFactory:
+    """A Hugging Face folder, or ``vision:<name>`` / a VisionFactory for a registered vision model."""
+    if isinstance(base, VisionFactory):
+        return base
+    text = str(base)
+    if text.startswith(VISION_PREFIX):
+        return get_vision_factory(text[len(VISION_PREFIX):])
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"base model folder not found: {path}. Give a Hugging Face model folder, or "
+                              f"{VISION_PREFIX}<name> for a registered vision model")
+    return path.resolve()
+
+
+def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str | Path | None = None,
+             cache_dir: str | Path | None = None, settings: FinetuneSettings | None = None,
+             data_dir: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
+             **overrides) -> FinetuneResult:
+    """Fine-tune ``base`` on ``task`` (or return the cached result). Keyword overrides set
+    FinetuneSettings fields (``lr=3e-5, epochs=2`` ...). Without ``output`` the folder goes to
+    ``<cache>/experts/<task>-<base>-<key>``."""
+    task = get_task(task)
+    settings = make_settings(settings, **overrides)
+    base = resolve_base(base)
+    if isinstance(base, VisionFactory) != task.is_image:
+        kind = "a vision model" if task.is_image else "a Hugging Face text model"
+        raise ConfigError(f"task {task.name!r} needs {kind} as base, got {base}")
+    train = load_split(task, "train", data_dir=data_dir)
+    key = cache_key(base, task, settings, train)
+    base_name = base.name if isinstance(base, VisionFactory) else base.name.replace(" ", "_")
+    target = Path(output).expanduser().resolve() if output else \
+        cache_root(cache_dir) / "experts" / f"{task.name}-{base_name}-{key[:12]}"
+
+    marker = read_marker(target) if target.is_dir() else None
+    if marker is not None and marker.get("key") == key:
+        if not quiet:
+            print(f"{task.name}: using cached expert {target}")
+        return FinetuneResult(target, True, key, marker)
+    if target.exists() and not overwrite and output is not None:
+        raise OutputError(f"{target} exists and was not produced by these settings; pass --overwrite to "
+                          "replace it or choose another --output")
+    if isinstance(base, Path) and target.is_relative_to(base):
+        raise OutputError(f"output {target} is inside the base folder {base}; inputs are never modified")
+
+    data = train.take(settings.max_train_examples, settings.seed)
+    started = time.perf_counter()
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=_mkdir(target.parent)))
+    try:
+        if isinstance(base, VisionFactory):
+            stats = _finetune_vision(base, task, data, settings, temp, quiet)
+        else:
+            stats = _finetune_text(base, task, data, settings, temp, quiet)
+        base_label = str(base) if isinstance(base, Path) else f"{VISION_PREFIX}{base.name}"
+        record = {"key": key, "task": task.name, "base": base_label, "settings": settings.model_dump(),
+                  "train_examples": len(data), "train_origin": train.origin,
+                  "seconds": round(time.perf_counter() - started, 1),
+                  "layermerge": __version__, **stats}
+        (temp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if not quiet:
+        print(f"{task.name}: fine-tuned on {len(data)} examples in {record['seconds']:.0f} s -> {target}")
+    return FinetuneResult(target, False, key, record)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def vision_base_folder(name: str, cache_dir: str | Path | None = None, image_size: int | None = None) -> Path:
+    """The pretrained vision backbone saved as a folder (cached), to pass as the base of a merge."""
+    factory = get_vision_factory(name)
+    folder = cache_root(cache_dir) / "bases" / f"{factory.name}-{image_size or factory.image_size}"
+    if not (folder / "model.safetensors").is_file():
+        temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=_mkdir(folder.parent)))
+        save_vision_base(factory.name, temp, image_size)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temp, folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- the two model kinds
+def _finetune_text(base: Path, task: Task, data: TaskData, settings: FinetuneSettings, out: Path,
+                   quiet: bool) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    from layermerge.data.models import load_tokenizer, quiet_transformers
+
+    tokenizer = load_tokenizer(base)
+    labels = dict(enumerate(task.label_names)) if task.label_names else {0: "score"}
+    torch.manual_seed(settings.seed)     # the new head's initialisation
+    try:
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=task.model_num_labels, id2label=labels,
+                label2id={v: k for k, v in labels.items()},
+                problem_type="regression" if task.is_regression else "single_label_classification",
+                ignore_mismatched_sizes=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot build a sequence classifier from {base}: {exc}") from None
+    collator = TextCollator(tokenizer, task, settings.max_length)
+    stats = train_model(model, task, data, collator, settings, quiet)
+    with quiet_transformers():
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return stats
+
+
+def _finetune_vision(factory: VisionFactory, task: Task, data: TaskData, settings: FinetuneSettings,
+                     out: Path, quiet: bool) -> dict:
+    spec = spec_for(factory, task.num_labels, settings.image_size)
+    torch.manual_seed(settings.seed)
+    model = factory.build(spec.num_classes, spec.image_size, True)
+    stats = train_model(model, task, data, image_collator_for(spec), settings, quiet)
+    save_vision_model(model, spec, out)
+    return stats
+
+
+# --------------------------------------------------------------------------- the training loop
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_linear(total_steps: int, warmup_steps: int):
+    """lr multiplier: 0 → 1 over the warm-up, then linearly 1 → 0 at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def task_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if task.is_regression:
+        return F.mse_loss(logits.reshape(len(labels), -1)[:, 0], labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def train_model(model: nn.Module, task: Task, data: TaskData, collator, settings: FinetuneSettings,
+                quiet: bool = False) -> dict:
+    """Full fine-tuning of ``model`` in place; returns the mean loss of the first and last 10% of steps."""
+    lengths = row_lengths(data)
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(total, math.ceil(settings.warmup_ratio * total)))
+    torch.manual_seed(settings.seed)     # dropout masks
+    model.train()
+    losses = []
+    progress = tqdm(total=total, disable=quiet, desc=f"fine-tuning {task.name}", unit="step")
+    for epoch in range(settings.epochs):
+        order = length_grouped_batches(lengths, settings.batch_size, shuffle=True, seed=settings.seed + epoch)
+        for indices in order:
+            batch = collator([data[int(i)] for i in indices])
+            loss = task_loss(task, forward_logits(model, batch), batch["labels"])
+            if not torch.isfinite(loss):
+                raise ConfigError(f"fine-tuning {task.name} diverged (loss {loss.item()}); lower lr (now "
+                                  f"{settings.lr})")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+    model.eval()
+    tenth = max(1, len(losses) // 10)
+    return {"steps": len(losses), "first_loss": sum(losses[:tenth]) / tenth,
+            "last_loss": sum(losses[-tenth:]) / tenth}

@@ -1,0 +1,115 @@
+"""ProDistill (Xu, Li, Zhang, ICML 2025): progressive layer-wise distillation of merging coefficients.
+
+For each block, in order, learn coefficients λ_{i,p} (element-wise by default) so that the merged
+block W_p(λ) = θ0_p + Σ_i λ_{i,p} ⊙ τ_{i,p} maps the merged model's inputs z_m onto the task's
+expert outputs Block(θ_i; z_i). Loss Σ_i 1/(2T|D_i|) Σ_x ‖Block(W(λ); z_m) − Block(θ_i; z_i)‖²,
+summed over tokens and features with padding masked. A fresh Adam per block; the expert outputs
+come from the engine's cache, computed once per block (``recompute_expert_outputs`` recomputes them
+at every step instead, only to measure what that saves). See ../shared/docs/METHODS.md.
+
+λ is stored as ``init + δ`` with δ trained from zero: the same optimisation, and at δ = 0 the
+merged weights are bit-for-bit Task Arithmetic at ``init``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from layermerge.engine import BlockResult, run_engine
+from layermerge.methods.coefficients import MergingCoefficients, fit, squared_error
+from layermerge.methods.registry import MethodParams, register
+
+
+@register("prodistill", summary="few-shot layer-wise distillation of element-wise merging coefficients "
+                                "(Xu et al. 2025)", needs_data=True, kind="block")
+class ProDistill:
+    artifact_name = "coefficients"
+
+    class Params(MethodParams):
+        init: float = Field(0.3, description="initial λ for every task and element (the paper: 0.3; 0.5 for "
+                                             "two experts); also the Task Arithmetic λ of non-block weights")
+        lr: float = Field(0.01, ge=0, description="Adam learning rate (paper: 0.01 vision/NLU, 0.1 LLMs)")
+        epochs: int = Field(50, ge=0, description="passes over the cached few-shot pairs per block "
+                                                  "(paper: 50-100)")
+        batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches are "
+                                                      "grouped up to this size; paper: 16 NLU, 128 vision)")
+        granularity: Literal["element", "tensor", "task"] = Field(
+            "element", description="λ per element (paper), one per task per tensor, or one per task per "
+                                   "block")
+        input_mode: Literal["dual", "merged", "expert"] = Field(
+            "dual", description="dual: merged block on z_m vs expert on z_i (paper); merged: both on z_m; "
+                                "expert: both on z_i")
+        recompute_expert_outputs: bool = Field(
+            False, description="recompute the expert outputs at every step instead of once per block "
+                               "(same result, slower; for timing comparisons)")
+
+    def __init__(self, params: Params | None = None, task_names: list[str] | None = None):
+        self.params = params or self.Params()
+        self.task_names = task_names or []
+        self.name = self.method_name
+
+    def config(self) -> dict:
+        """What the checkpoint fingerprint records (the timing switch does not change the result)."""
+        return self.params.model_dump(exclude={"recompute_expert_outputs"})
+
+    # ----------------------------------------------------------------- one block
+    def merge_block(self, ctx) -> BlockResult:
+        p = self.params
+        coefficients = MergingCoefficients(ctx.module, ctx.base, ctx.experts, ctx.tasks, p.init, p.granularity,
+                                           ctx.device)
+        targets = self._targets(ctx)
+        scale = {task: 1.0 / (2 * len(ctx.tasks) * ctx.num_examples(task)) for task in ctx.tasks}
+
+        def group_loss(refs):
+            weights = coefficients.weights()
+            return sum(scale[ref.task] * self._error(ctx, weights, ref, targets) for ref in refs)
+
+        losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size)
+        final = coefficients.final()
+        with torch.no_grad():
+            local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
+                             for ref in ctx.local_pairs())
+        stats = {"loss_first_epoch": losses[0] if losses else None,
+                 "loss_last_epoch": losses[-1] if losses else None,
+                 "loss_final": ctx.sum(local_loss)}
+        return BlockResult(final, coefficients.artifacts(), stats)
+
+    # ----------------------------------------------------------------- pieces
+    def _targets(self, ctx) -> dict:
+        """In 'merged' mode the targets are Block(θ_i; z_m), computed here once per block (this rank's
+        batches); otherwise the engine's cached Block(θ_i; z_i) serve."""
+        if self.params.input_mode != "merged" or self.params.recompute_expert_outputs:
+            return {}
+        with torch.no_grad():
+            return {ref: ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged").cpu()
+                    for ref in ctx.local_pairs()}
+
+    def _target(self, ctx, ref, targets) -> torch.Tensor:
+        mode = self.params.input_mode
+        if self.params.recompute_expert_outputs:
+            with torch.no_grad():
+                if mode == "merged":
+                    return ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged")
+                return ctx.run_expert(ref.task, ctx.expert_input(ref), ref)
+        return targets[ref].to(ctx.device) if mode == "merged" else ctx.expert_output(ref)
+
+    def _error(self, ctx, weights, ref, targets) -> torch.Tensor:
+        """‖Block(W; input) − target‖² summed over tokens and features, padding tokens left out."""
+        if self.params.input_mode == "expert":
+            output = ctx.run(weights, ctx.expert_input(ref), ref, "expert")
+        else:
+            output = ctx.run(weights, ctx.merged_input(ref), ref, "merged")
+        return squared_error(output, self._target(ctx, ref, targets), ctx.token_mask(ref))
+
+
+def prodistill_merge(model, weights, data, *, engine_options: dict | None = None, **params):
+    """Run ProDistill on ``model`` (a template) with ``weights`` (ExpertSet or WeightSource) and few-shot
+    ``data`` ({task: [model-input batches]}); returns the engine's result. ``params`` are ProDistill's.
+    For a Hugging Face output folder use ``layermerge.merge(..., method="prodistill", data=...)``."""
+    source_tasks = list(getattr(weights, "names", None) or getattr(weights, "tasks", []))
+    method = ProDistill(ProDistill.Params(**params), source_tasks)
+    options = {"scaling": method.params.init, **(engine_options or {})}
+    return run_engine(model, weights, data, method, **options)
