@@ -15,6 +15,10 @@ What it does:
    also records the peak anonymous and file-backed parts from ``/proc/<pid>/status``.
 3. Prints a table and writes ``benchmarks/results/memory_datafree.json``. Each run's output
    folder is deleted after it is measured; the inputs are kept for the next invocation.
+
+Needs about 13 GB of free disk (inputs plus one output). On 2 shared cores the four runs take
+about 20 minutes, half of it mergekit's TIES; ``--methods``/``--tools`` select a subset. Results
+and their reading: docs/BENCHMARKS.md; the parameter correspondence: docs/MERGEKIT.md.
 """
 
 from __future__ import annotations

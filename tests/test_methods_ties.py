@@ -255,3 +255,25 @@ def test_radix_path_equals_stable_sort_path(monkeypatch, quantised):
         assert torch.equal(smallest, radix_select.smallest_mask(tensor, c))
         assert kth == radix_select.kth_largest_magnitude(tensor, c)
         assert int(largest.sum()) == c and int(smallest.sum()) == c
+
+
+def test_in_place_per_tensor_ties_equals_stacked_formula_and_respects_ownership():
+    """The memory-lean per-tensor path must give the stacked formula's bits, and overwrite inputs
+    only when the driver says it owns them."""
+    from layermerge.methods.ops import disjoint_mean, magnitude_keep_mask
+
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(300, 257, generator=generator)
+    experts = [base + torch.randn(300, 257, generator=generator).round(decimals=1) for _ in range(3)]
+    tau = torch.stack([e - base for e in experts])
+    trimmed = tau * torch.stack([magnitude_keep_mask(t, 0.2) for t in tau])
+    expected = base + disjoint_mean(trimmed) * 0.7
+
+    method = Ties(Ties.Params(density=0.2, scaling=0.7), ["a", "b", "c"])
+    originals = [e.clone() for e in experts]
+    assert torch.equal(method.merge_tensor("w", base, experts), expected)
+    assert all(torch.equal(e, o) for e, o in zip(experts, originals))  # not owned: untouched
+
+    method.inputs_owned = True
+    assert torch.equal(method.merge_tensor("w", base, experts), expected)
+    assert not all(torch.equal(e, o) for e, o in zip(experts, originals))  # owned: overwritten

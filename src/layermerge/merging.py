@@ -122,6 +122,7 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
         limit = f"exactly {info.min_experts}" if exact else f"at least {info.min_experts}"
         raise ConfigError(f"method {method!r} needs {limit} experts, got {count}")
     algorithm = info.cls(validated, expert_set.names)
+    algorithm.inputs_owned = True
     out_dtype = resolve_dtype(dtype)
     reference = expert_set.reference
     ref_prefix = expert_set.reference_prefix

@@ -28,6 +28,9 @@ class DataFreeMethod:
     Params = MethodParams
     method_name = "?"
     stat_passes = 0
+    # The merge driver sets this: its input tensors are fresh copies it never reuses, so a method may
+    # overwrite them to save memory. Direct callers (tests) keep the default and their inputs intact.
+    inputs_owned = False
 
     def __init__(self, params: MethodParams, task_names: list[str]):
         self.params = params

@@ -98,7 +98,10 @@ def largest_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     if bits.numel() < SORT_BELOW:
         return _sorted_mask(values, k, descending=True)
     threshold, greater, _ = kth_largest_bits(bits, k)
-    keep = (bits > threshold) | first_ties(bits == threshold, k - greater)
+    keep = bits > threshold
+    quota = k - greater
+    if quota > 0:  # equal magnitudes: the lowest flat indices first (no cumulative sum over the tensor)
+        keep[torch.nonzero(bits == threshold).view(-1)[:quota]] = True
     return keep.reshape(values.shape)
 
 
