@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-slow lint bench-memory clean
+.PHONY: install demo test test-slow lint bench-memory bench-glue8 bench-vision5 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lint: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_datafree.py
+
+# The benchmark tracks (docs/BENCHMARKS.md): hours on a 2-core CPU, resumable; rerun to continue.
+bench-glue8: $(STAMP)
+	$(VENV)/bin/layermerge bench glue8-minilm --report-dir docs/bench --json benchmarks/results/bench_glue8-minilm.json
+
+bench-vision5: $(STAMP)
+	$(VENV)/bin/layermerge bench vision5-effnet --report-dir docs/bench --json benchmarks/results/bench_vision5-effnet.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

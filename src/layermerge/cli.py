@@ -13,7 +13,7 @@ from layermerge import __version__
 from layermerge.errors import LayermergeError
 
 # Order shown in --help. Each module defines add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["merge", "methods", "inspect", "finetune", "eval", "demo"]
+COMMANDS = ["merge", "methods", "inspect", "finetune", "eval", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,95 @@
+"""From run records to the results document: per-row means and standard deviations over seeds.
+
+A row's numbers for one seed: each task's score, their plain average, and the normalised average
+(mean over tasks of 100 × score ÷ the expert's score; tasks whose expert scored ≤ 0 are left out, as
+in ``layermerge.eval.report``). Across seeds: mean and sample standard deviation (0 with one seed).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from layermerge.bench.tracks import TrackConfig
+
+# Methods that read the few-shot labels (the others see inputs only).
+LABELLED = {"fisher": "true labels (fisher_labels=auto with labelled shots)",
+            "localize_stitch": "labelled shots train the masks",
+            "np_merge": "labelled shots train α"}
+
+
+def uses_labels(method: str, params: dict) -> bool:
+    if method == "neulig":
+        return params.get("loss") == "cross_entropy"
+    return method in LABELLED
+
+
+def summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), 3), "std": round(std, 3), "n": len(values)}
+
+
+def normalised_average(scores: dict[str, float], experts: dict[str, float]) -> float | None:
+    ratios = [100 * scores[t] / experts[t] for t in scores if experts.get(t) is not None and experts[t] > 0]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def _row(records: list[dict], tasks: list[str], experts: dict[str, float]) -> dict:
+    from layermerge.methods.registry import get_method
+
+    first = records[0]
+    good = [r for r in records if r.get("scores")]
+    runs = []
+    for record in good:
+        scores = {t: record["scores"][t]["score"] for t in tasks}
+        runs.append({"seed": record["seed"], "scores": scores, "average": sum(scores.values()) / len(tasks),
+                     "normalised": normalised_average(scores, experts), "cost": record["cost"],
+                     "invocation": record.get("invocation")})
+    costs = [run["cost"] for run in runs]
+    return {
+        "row": first["row"], "study": first["study"], "method": first["method"], "params": first["params"],
+        "needs_data": get_method(first["method"]).needs_data, "shots": first["shots"],
+        "uses_labels": uses_labels(first["method"], first["params"]),
+        "seeds": [run["seed"] for run in runs],
+        "scores": {t: summary([run["scores"][t] for run in runs]) for t in tasks},
+        "average": summary([run["average"] for run in runs]),
+        "normalised": summary([run["normalised"] for run in runs]),
+        "wall_s": summary([c.get("wall_s") for c in costs]),
+        "peak_rss_mib": summary([c.get("peak_rss_mib") for c in costs]),
+        "time_vs_task_arithmetic": summary([c.get("time_vs_task_arithmetic") for c in costs]),
+        "rss_vs_task_arithmetic": summary([c.get("rss_vs_task_arithmetic") for c in costs]),
+        "failures": [r["cost"].get("error") for r in records if not r.get("scores")],
+        "runs": runs,
+    }
+
+
+def build_results(track: TrackConfig, records: list[dict], expert_scores: dict[str, dict],
+                  ensemble_scores: dict[str, dict], meta: dict) -> dict:
+    """The document ``bench`` writes as JSON and renders as Markdown and plots."""
+    tasks = list(track.tasks)
+    experts = {t: expert_scores[t]["score"] for t in tasks}
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        grouped.setdefault((record["study"], record["row"]), []).append(record)
+    rows = [_row(group, tasks, experts) for group in grouped.values()]
+    ensemble = {t: ensemble_scores[t]["score"] for t in tasks} if ensemble_scores else None
+    references = {"experts": {"scores": experts, "average": sum(experts.values()) / len(tasks),
+                              "normalised": 100.0}}
+    if ensemble is not None:
+        references["ensemble"] = {"scores": ensemble, "average": sum(ensemble.values()) / len(tasks),
+                                  "normalised": normalised_average(ensemble, experts)}
+    return {"track": track.model_dump(), "meta": meta, "tasks": tasks,
+            "metrics": {t: expert_scores[t]["metric"] for t in tasks},
+            "eval_examples": {t: expert_scores[t]["examples"] for t in tasks},
+            "references": references, "rows": rows}
+
+
+def main_rows(results: dict) -> list[dict]:
+    return [r for r in results["rows"] if r["study"] == "main"]
+
+
+def best_data_free(results: dict) -> dict | None:
+    candidates = [r for r in main_rows(results) if not r["needs_data"] and r["normalised"]["mean"] is not None]
+    return max(candidates, key=lambda r: r["normalised"]["mean"], default=None)

@@ -1,0 +1,357 @@
+"""`layermerge bench TRACK`: experts → references → every method × seed → ablations → report.
+
+Every stage is cached on disk and resumable: experts by the hash of their recipe (``finetune``'s
+cache), scores of experts and the ensemble by expert key and evaluation settings, and each merge
+run (method, parameters, shots, seed) as one JSON record under ``<workdir>/runs``. Stopping at any
+point and rerunning continues where it stopped; ``rerun`` recomputes named rows.
+
+Each merge runs as ``python -m layermerge.bench.measure ... -- merge CONFIG`` in its own process,
+so its wall time and peak RSS are its own. Task Arithmetic's merge is re-measured once in every
+invocation that runs merges, and every record stores its cost as a ratio to that same-invocation
+baseline (the machine's speed drifts between invocations; ratios in one invocation do not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from layermerge import __version__
+from layermerge.bench.tracks import AblationRow, TrackConfig
+from layermerge.errors import ConfigError
+
+BASELINE = "task_arithmetic"
+
+
+@dataclass
+class Run:
+    """One merge to make and score: a row of a table at one seed."""
+
+    row: str                       # table row, e.g. "ties" or "shots=4"
+    method: str
+    params: dict
+    shots: int | None              # None for data-free methods
+    seed: int | None               # sampling seed (data-driven) or the method's own seed (DARE); None: neither
+    study: str = "main"            # "main" or the ablation's name
+
+
+@dataclass
+class BenchContext:
+    """What every stage needs: the track, where things go, the experts once trained."""
+
+    track: TrackConfig
+    workdir: Path
+    cache_dir: Path
+    quiet: bool = False
+    device: str = "cpu"
+    base: Path | None = None
+    experts: dict[str, Path] = field(default_factory=dict)
+    expert_keys: dict[str, str] = field(default_factory=dict)
+    expert_scores: dict[str, dict] = field(default_factory=dict)
+    ensemble_scores: dict[str, dict] = field(default_factory=dict)
+    invocation: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    baseline_cost: dict | None = None
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- stage 1: experts
+def prepare_experts(ctx: BenchContext) -> None:
+    """Fine-tune (or find cached) one expert per task with the track's recipe."""
+    from layermerge.finetune import finetune, make_settings, vision_base_folder
+
+    track = ctx.track
+    settings = make_settings(**track.recipe)
+    if track.base == "minilm":
+        from layermerge.demo import minilm_path, prepare_base
+
+        ctx.base = prepare_base(minilm_path(), ctx.cache_dir)
+        source: object = ctx.base
+    elif track.base.startswith("vision:"):
+        ctx.base = vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir, settings.image_size)
+        source = track.base
+    else:
+        ctx.base = Path(track.base)
+        source = ctx.base
+    for number, task in enumerate(track.tasks, 1):
+        ctx.say(f"[experts {number}/{len(track.tasks)}] {task}: fine-tuning (cached by recipe hash)")
+        result = finetune(source, task, cache_dir=ctx.cache_dir, settings=settings, data_dir=track.data_dir,
+                          quiet=ctx.quiet)
+        ctx.experts[task], ctx.expert_keys[task] = result.path, result.key
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_json(path: Path, compute: Callable[[], dict]) -> dict:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass            # a torn file from an interrupted run: recompute
+    value = compute()
+    _write_json(path, value)
+    return value
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write whole or not at all: a reader never sees half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(temp, path)
+
+
+def eval_settings(track: TrackConfig) -> dict:
+    return {"split": "test", "max_examples": track.eval_examples, "max_length": track.max_length, "seed": 0}
+
+
+# --------------------------------------------------------------------------- stage 2: references
+def score_references(ctx: BenchContext) -> None:
+    """Each expert on its own task, and the ensemble of all experts on every task (cached)."""
+    from layermerge.bench.ensemble import evaluate_ensemble
+    from layermerge.eval.evaluate import evaluate_task
+
+    track, settings = ctx.track, eval_settings(ctx.track)
+    for task in track.tasks:
+        key = _digest({"expert": ctx.expert_keys[task], **settings, "layermerge": __version__})
+        ctx.expert_scores[task] = _cached_json(
+            ctx.workdir / "references" / f"expert-{task}-{key}.json",
+            lambda task=task: evaluate_task(ctx.experts[task], task, "test", track.eval_examples,
+                                            max_length=track.max_length, data_dir=track.data_dir).to_dict())
+        ctx.say(f"expert {task}: {ctx.expert_scores[task]['score']:.2f}")
+    if not track.ensemble:
+        return
+    for task in track.tasks:
+        key = _digest({"experts": ctx.expert_keys, "task": task, **settings, "layermerge": __version__})
+        ctx.ensemble_scores[task] = _cached_json(
+            ctx.workdir / "references" / f"ensemble-{task}-{key}.json",
+            lambda task=task: evaluate_ensemble(ctx.base, ctx.experts, task, max_examples=track.eval_examples,
+                                                max_length=track.max_length, data_dir=track.data_dir).to_dict())
+        ctx.say(f"ensemble on {task}: {ctx.ensemble_scores[task]['score']:.2f}")
+
+
+# --------------------------------------------------------------------------- stage 3/4: plan the runs
+def track_methods(track: TrackConfig) -> list[str]:
+    """The methods of the main table: every eligible registered method for 'all'."""
+    from layermerge.methods.registry import available_methods, get_method
+
+    if track.methods != "all":
+        return [get_method(name).name for name in track.methods]
+    n = len(track.tasks)
+    chosen = []
+    for name, info in available_methods().items():
+        if info.min_experts > n or (info.max_experts is not None and info.max_experts < n):
+            continue           # SLERP takes exactly two models
+        chosen.append(name)
+    return chosen
+
+
+def _has_seed_param(method: str) -> bool:
+    from layermerge.methods.registry import get_method
+
+    return "seed" in get_method(method).params_model.model_fields
+
+
+def plan_runs(track: TrackConfig, studies: set[str]) -> list[Run]:
+    """Every (row, seed) of the main table ("main" in ``studies``) and of the named ablations."""
+    from layermerge.methods.registry import get_method
+
+    runs: list[Run] = []
+    if "main" in studies:
+        for method in track_methods(track):
+            params = dict(track.method_params.get(method, {}))
+            if get_method(method).needs_data:
+                runs += [Run(method, method, params, track.shots, s) for s in track.seeds]
+            elif _has_seed_param(method):
+                runs += [Run(method, method, {**params, "seed": s}, None, s) for s in track.seeds]
+            else:
+                runs.append(Run(method, method, params, None, None))
+    seeds = track.ablation_seeds or track.seeds
+    for study, rows in track.ablations.items():
+        if study not in studies and "ablations" not in studies:
+            continue
+        for row in rows:
+            runs += [_ablation_run(track, study, row, s) for s in (row.seeds or seeds)]
+    return runs
+
+
+def _ablation_run(track: TrackConfig, study: str, row: AblationRow, seed: int) -> Run:
+    params = {**track.method_params.get(row.method, {}), **row.params}
+    return Run(row.label, row.method, params, row.shots or track.shots, seed, study)
+
+
+# --------------------------------------------------------------------------- one run
+def merge_config(ctx: BenchContext, run: Run) -> dict:
+    config = {"base": str(ctx.base), "experts": {t: str(p) for t, p in ctx.experts.items()},
+              "method": run.method, "params": run.params}
+    if run.shots is not None:
+        config["data"] = {"shots": run.shots, "seed": run.seed, "max_length": ctx.track.max_length}
+        if ctx.track.data_dir is not None:
+            config["data"]["data_dir"] = ctx.track.data_dir
+        config["engine"] = {"device": ctx.device, "seed": run.seed}
+    return config
+
+
+def run_key(ctx: BenchContext, run: Run) -> str:
+    from layermerge.methods.registry import get_method, validate_params
+
+    params = validate_params(get_method(run.method), dict(run.params)).model_dump()
+    data = {"shots": run.shots, "seed": run.seed, "max_length": ctx.track.max_length} if run.shots else None
+    return _digest({"experts": ctx.expert_keys, "method": run.method, "params": params, "data": data,
+                    "eval": eval_settings(ctx.track), "layermerge": __version__})
+
+
+def record_path(ctx: BenchContext, run: Run) -> Path:
+    return ctx.workdir / "runs" / f"{run.method}-{run_key(ctx, run)}.json"
+
+
+def measured_merge(ctx: BenchContext, config: dict, name: str) -> tuple[dict, Path]:
+    """``layermerge merge`` in its own process: its exit code, wall seconds and peak RSS (MiB)."""
+    scratch = ctx.workdir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    config_path, output, result = scratch / f"{name}.yaml", scratch / name, scratch / f"{name}.measure.json"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "layermerge.bench.measure", str(result), "--", "merge", str(config_path),
+               "--output", str(output), "--overwrite"] + (["--quiet"] if ctx.quiet else [])
+    started = time.perf_counter()
+    process = subprocess.run(command, stdout=None if not ctx.quiet else subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, check=False)
+    cost = json.loads(result.read_text()) if result.is_file() else {"exit_code": process.returncode}
+    cost["process_wall_s"] = round(time.perf_counter() - started, 2)
+    if process.returncode != 0:
+        lines = [line for line in (process.stderr or "").strip().splitlines() if line.strip()]
+        cost["exit_code"] = process.returncode
+        cost["error"] = lines[-1] if lines else f"exit code {process.returncode}"
+    return cost, output
+
+
+def ensure_baseline_cost(ctx: BenchContext) -> dict:
+    """Task Arithmetic's merge, measured once per invocation: the yardstick of every cost ratio."""
+    if ctx.baseline_cost is None:
+        config = merge_config(ctx, Run(BASELINE, BASELINE, {}, None, None))
+        cost, output = measured_merge(ctx, config, "baseline-task_arithmetic")
+        shutil.rmtree(output, ignore_errors=True)
+        if cost.get("exit_code") != 0:
+            raise ConfigError(f"the Task Arithmetic baseline merge failed: {cost.get('error')}")
+        ctx.baseline_cost = cost
+    return ctx.baseline_cost
+
+
+def execute(ctx: BenchContext, run: Run) -> dict:
+    """Merge, evaluate on every task, and return the run's record (not yet written)."""
+    from layermerge.eval.evaluate import evaluate_task
+
+    baseline = ensure_baseline_cost(ctx)
+    name = f"{run.method}-{run_key(ctx, run)}"
+    cost, output = measured_merge(ctx, merge_config(ctx, run), name)
+    record = {"row": run.row, "study": run.study, "method": run.method, "params": run.params,
+              "shots": run.shots, "seed": run.seed, "key": run_key(ctx, run), "invocation": ctx.invocation,
+              "cost": cost, "baseline_cost": baseline}
+    if cost.get("exit_code") == 0:
+        track = ctx.track
+        record["scores"] = {t: evaluate_task(output, t, "test", track.eval_examples, max_length=track.max_length,
+                                             data_dir=track.data_dir).to_dict() for t in track.tasks}
+        record["cost"]["rss_vs_task_arithmetic"] = round(cost["peak_rss_mib"] / baseline["peak_rss_mib"], 3)
+        record["cost"]["time_vs_task_arithmetic"] = round(cost["wall_s"] / max(baseline["wall_s"], 1e-3), 3)
+    shutil.rmtree(output, ignore_errors=True)
+    return record
+
+
+def run_all(ctx: BenchContext, runs: list[Run], rerun: set[str] = frozenset(),
+            only: set[str] | None = None) -> list[dict]:
+    """Every run, from its cached record where one exists (unless its row or method is in ``rerun``);
+    with ``only``, runs outside it are taken from their records or left out."""
+    records = []
+    for number, run in enumerate(runs, 1):
+        path = record_path(ctx, run)
+        if only is not None and run.row not in only and run.method not in only:
+            if path.is_file():
+                records.append({**json.loads(path.read_text()), "row": run.row, "study": run.study})
+            continue
+        label = f"[{run.study} {number}/{len(runs)}] {run.row}" + (f" seed {run.seed}" if run.seed is not None else "")
+        if path.is_file() and run.row not in rerun and run.method not in rerun:
+            try:
+                record = json.loads(path.read_text())
+                records.append({**record, "row": run.row, "study": run.study})
+                ctx.say(f"{label}: cached")
+                continue
+            except ValueError:
+                pass
+        ctx.say(f"{label}: merging with {run.method} and evaluating")
+        record = execute(ctx, run)
+        if record["cost"].get("exit_code") == 0:
+            _write_json(path, record)      # failures are reported, not cached: a fix reruns them
+            ctx.say(f"  {run.row}: average {_average(record):.2f}, merge {record['cost']['wall_s']:.1f} s, "
+                    f"peak RSS {record['cost']['peak_rss_mib']:.0f} MiB")
+        else:
+            ctx.say(f"  {run.row} failed: {record['cost'].get('error')}")
+        records.append(record)
+    return records
+
+
+def _average(record: dict) -> float:
+    scores = [r["score"] for r in record["scores"].values()]
+    return sum(scores) / len(scores)
+
+
+# --------------------------------------------------------------------------- the whole track
+def machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def describe_plan(runs: list[Run]) -> str:
+    lines = []
+    for run in runs:
+        seed = "" if run.seed is None else f" seed {run.seed}"
+        shots = "" if run.shots is None else f", {run.shots} shots"
+        lines.append(f"{run.study:>12}  {run.row}{seed}: {run.method} {run.params}{shots}")
+    return "\n".join(lines)
+
+
+def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: set[str],
+              rerun: set[str] = frozenset(), only: set[str] | None = None, device: str = "cpu",
+              quiet: bool = False, dry_run: bool = False, command: str = "") -> dict | None:
+    """Run the stages and return the results document (see ``layermerge.bench.results``).
+
+    ``only``: run just these rows (methods or ablation labels); the others still enter the results
+    from their cached records. ``dry_run``: print the planned runs and return None.
+    """
+    from layermerge.bench.results import build_results
+
+    runs = plan_runs(track, studies) if studies - {"experts"} else []
+    if dry_run:
+        print(describe_plan(runs) or "no runs planned (stages: experts only)")
+        print(f"{len(runs)} runs")
+        return None
+    ctx = BenchContext(track, workdir, cache_dir, quiet=quiet, device=device)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    prepare_experts(ctx)
+    score_references(ctx)
+    records = run_all(ctx, runs, rerun, only)
+    shutil.rmtree(workdir / "scratch", ignore_errors=True)
+    return build_results(track, records, ctx.expert_scores, ctx.ensemble_scores,
+                         {"command": command, "date": ctx.invocation, "machine": machine(),
+                          "seconds": round(time.perf_counter() - started, 1), "device": device,
+                          "experts": {t: str(p) for t, p in ctx.experts.items()}})

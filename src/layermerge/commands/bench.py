@@ -1,0 +1,74 @@
+"""`layermerge bench TRACK`: fine-tune a track's experts (cached), run every method over three seeds and
+the ProDistill ablations (each run cached), and write the tables, plots and raw JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from layermerge.commands.common import add_threads_option, apply_threads
+
+STAGES = ("experts", "main", "ablations")
+
+
+def add_parser(subparsers):
+    from layermerge.bench.tracks import BUILTIN_TRACKS
+
+    parser = subparsers.add_parser(
+        "bench", help="benchmark track: every method on real experts, ablations, report and plots",
+        description="Stages are cached and resumable: stop at any time and run the same command again. "
+                    f"Built-in tracks: {', '.join(BUILTIN_TRACKS)}; or a track YAML file.")
+    parser.add_argument("track", help="track name or YAML file")
+    parser.add_argument("--stages", default="main,ablations",
+                        help="comma-separated: experts (experts and references only), main (every method), "
+                             "ablations (all studies) or one study's name, e.g. shots (default main,ablations)")
+    parser.add_argument("--only", help="comma-separated rows (methods or ablation labels) to run; others are "
+                                       "reported from their cached records if present")
+    parser.add_argument("--rerun", default="", help="comma-separated rows or methods to recompute even if cached")
+    parser.add_argument("--workdir", help="run records and references (default <cache>/bench/<track>)")
+    parser.add_argument("--cache-dir", help="cache root for bases and experts (default $LAYERMERGE_CACHE or "
+                                            "./.cache/layermerge)")
+    parser.add_argument("--report-dir", help="where <track>.md and the PNG plots go (default <workdir>/report)")
+    parser.add_argument("--json", help="results JSON (default <report-dir>/<track>.json)")
+    parser.add_argument("--device", default="cpu", help="device of the data-driven merges: cpu, cuda, auto")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and which are cached, run nothing")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or step messages")
+    add_threads_option(parser)
+    return parser
+
+
+def run(args) -> int:
+    import os
+    import sys
+
+    from layermerge.bench.report import write_report
+    from layermerge.bench.runner import run_track
+    from layermerge.bench.tracks import load_track
+    from layermerge.errors import ConfigError
+    from layermerge.finetune import cache_root
+
+    apply_threads(args.threads)
+    if args.threads is not None:      # the merges run in child processes: they inherit this
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    track = load_track(args.track)
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    known = set(STAGES) | set(track.ablations)
+    unknown = stages - known
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(sorted(known))}")
+    cache_dir = cache_root(args.cache_dir)
+    workdir = Path(args.workdir) if args.workdir else cache_dir / "bench" / track.name
+    only = {s.strip() for s in args.only.split(",")} if args.only else None
+    rerun = {s.strip() for s in args.rerun.split(",") if s.strip()}
+    results = run_track(track, workdir=workdir, cache_dir=cache_dir, studies=stages, rerun=rerun, only=only,
+                        device=args.device, quiet=args.quiet, dry_run=args.dry_run,
+                        command="layermerge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else
+                        f"layermerge bench {args.track}")
+    if results is None:          # dry run
+        return 0
+    report_dir = Path(args.report_dir) if args.report_dir else workdir / "report"
+    paths = write_report(results, report_dir, track.name, Path(args.json) if args.json else None)
+    failed = [r["row"] for r in results["rows"] if r["failures"]]
+    print(f"report: {paths['markdown']}; results: {paths['json']}")
+    if failed:
+        print(f"failed rows: {', '.join(failed)}")
+    return 1 if failed else 0

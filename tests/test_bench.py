@@ -1,0 +1,188 @@
+"""`layermerge bench` on a tiny track: experts, references, every stage, caching, report and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tinytext import build_tiny_text_base
+
+import layermerge.bench.runner as runner
+from layermerge.bench.results import normalised_average, summary
+from layermerge.bench.tracks import BUILTIN_TRACKS, load_track
+from layermerge.cli import main as cli_main
+from layermerge.data import find_data_dir
+from layermerge.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(find_data_dir() is None, reason="shared data not present")
+
+TINY_TRACK = {
+    "name": "tiny",
+    "description": "tiny BERT on two GLUE tasks",
+    "tasks": ["sst2", "rte"],
+    "recipe": {"max_train_examples": 48, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32},
+    "eval_examples": 24, "max_length": 32, "shots": 4, "seeds": [0, 1],
+    "methods": ["task_arithmetic", "ties", "dare_ties", "prodistill"],
+    "method_params": {"prodistill": {"epochs": 2}},
+    "ablations": {"shots": [{"label": "shots=2", "shots": 2}, {"label": "shots=4", "shots": 4}]},
+    "ablation_seeds": [0],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """The tiny track run once through the CLI; later tests read its outputs."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench")
+    base = build_tiny_text_base(root / "tiny-bert")
+    track_file = root / "tiny.yaml"
+    track_file.write_text(yaml.safe_dump({**TINY_TRACK, "base": str(base)}))
+    args = ["bench", str(track_file), "--cache-dir", str(root / "cache"), "--workdir", str(root / "work"),
+            "--report-dir", str(root / "report"), "--quiet"]
+    code = cli_main(args)
+    return {"root": root, "args": args, "code": code, "track_file": track_file,
+            "results": json.loads((root / "report" / "tiny.json").read_text())}
+
+
+def test_every_row_and_seed_is_run_and_reported(tiny_bench):
+    assert tiny_bench["code"] == 0
+    results = tiny_bench["results"]
+    rows = {(r["study"], r["row"]): r for r in results["rows"]}
+    assert set(rows) == {("main", "task_arithmetic"), ("main", "ties"), ("main", "dare_ties"),
+                         ("main", "prodistill"), ("shots", "shots=2"), ("shots", "shots=4")}
+    # Deterministic data-free methods run once; DARE (random) and data-driven methods once per seed.
+    assert rows["main", "ties"]["seeds"] == [None]
+    assert rows["main", "dare_ties"]["seeds"] == [0, 1] and rows["main", "dare_ties"]["params"]["seed"] in (0, 1)
+    assert rows["main", "prodistill"]["seeds"] == [0, 1] and rows["main", "prodistill"]["shots"] == 4
+    assert rows["shots", "shots=2"]["seeds"] == [0] and rows["shots", "shots=2"]["shots"] == 2
+    assert results["eval_examples"] == {"sst2": 24, "rte": 24}
+    for row in results["rows"]:
+        assert not row["failures"]
+        for run in row["runs"]:
+            cost = run["cost"]
+            assert cost["exit_code"] == 0 and cost["wall_s"] > 0 and cost["peak_rss_mib"] > 50
+            assert cost["rss_vs_task_arithmetic"] > 0 and cost["time_vs_task_arithmetic"] > 0
+
+
+def test_averages_and_normalised_scores_match_a_hand_computation(tiny_bench):
+    results = tiny_bench["results"]
+    experts = results["references"]["experts"]["scores"]
+    for row in results["rows"]:
+        for run in row["runs"]:
+            by_hand = [100 * run["scores"][t] / experts[t] for t in results["tasks"] if experts[t] > 0]
+            assert run["normalised"] == pytest.approx(sum(by_hand) / len(by_hand))
+            assert run["average"] == pytest.approx(sum(run["scores"].values()) / 2)
+        values = [run["normalised"] for run in row["runs"]]
+        assert row["normalised"]["mean"] == pytest.approx(sum(values) / len(values), abs=1e-3)
+    assert summary([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(1.41421, abs=1e-3), "n": 2}
+    # An expert at or below zero (a Matthews correlation can be) gives no ratio.
+    assert normalised_average({"a": 50.0, "b": 10.0}, {"a": 100.0, "b": 0.0}) == 50.0
+
+
+def test_ensemble_matches_logits_averaged_by_hand(tiny_bench):
+    """The ensemble reference against an independent computation with transformers directly."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layermerge.data.sources import load_split
+    from layermerge.eval.metrics import task_score
+
+    results = tiny_bench["results"]
+    experts = results["meta"]["experts"]
+    task = "sst2"
+    data = load_split(task, "test").take(24, 0)
+    tokenizer = AutoTokenizer.from_pretrained(experts[task])
+    own = AutoModelForSequenceClassification.from_pretrained(experts[task]).eval()
+    total = 0
+    for name in ("sst2", "rte"):
+        model = AutoModelForSequenceClassification.from_pretrained(experts[task]).eval()
+        other = AutoModelForSequenceClassification.from_pretrained(experts[name])
+        model.bert.load_state_dict(other.bert.state_dict())
+        assert torch.equal(model.classifier.weight, own.classifier.weight)
+        with torch.no_grad():
+            rows = [data[i] for i in range(len(data))]
+            batch = tokenizer([r["sentence"] for r in rows], padding=True, truncation=True, max_length=32,
+                              return_tensors="pt")
+            total = total + model(**batch).logits
+    score, _ = task_score("accuracy", (total / 2).argmax(-1).numpy(), data.labels)
+    assert results["references"]["ensemble"]["scores"][task] == pytest.approx(score, abs=1e-6)
+
+
+def test_report_has_every_table_and_plot(tiny_bench):
+    report = tiny_bench["root"] / "report"
+    text = (report / "tiny.md").read_text()
+    for heading in ("### Every method", "### ProDistill ablations", "### Cost of the data-driven methods",
+                    "*experts*", "*ensemble*", "shots=2", "ProDistill normalised average"):
+        assert heading in text
+    for kind in ("methods", "shots", "cost"):
+        png = report / f"tiny-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(tiny-{kind}.png)" in text
+
+
+def test_a_rerun_reuses_every_record_and_rerun_recomputes_one_row(tiny_bench, monkeypatch, capsys):
+    merged = []
+    real = runner.measured_merge
+    monkeypatch.setattr(runner, "measured_merge", lambda ctx, config, name: merged.append(config["method"])
+                        or real(ctx, config, name))
+    assert cli_main(tiny_bench["args"]) == 0
+    assert merged == []                       # experts, references and every run came from the caches
+    again = json.loads((tiny_bench["root"] / "report" / "tiny.json").read_text())
+    assert [r["normalised"] for r in again["rows"]] == [r["normalised"] for r in tiny_bench["results"]["rows"]]
+    assert cli_main([*tiny_bench["args"], "--rerun", "ties", "--only", "ties"]) == 0
+    assert merged == ["task_arithmetic", "ties"]       # the same-invocation baseline, then the row itself
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA for the merge to fail")
+def test_a_failing_merge_is_reported_and_not_cached(tiny_bench, capsys):
+    """A merge that fails in its own process (no CUDA here) makes the row a failure, exit code 1."""
+    runs = tiny_bench["root"] / "work" / "runs"
+    before = {p.name: p.read_text() for p in runs.glob("*.json")}
+    assert cli_main([*tiny_bench["args"], "--device", "cuda", "--only", "shots=2", "--rerun", "shots=2",
+                     "--report-dir", str(tiny_bench["root"] / "failed")]) == 1
+    results = json.loads((tiny_bench["root"] / "failed" / "tiny.json").read_text())
+    failed = {r["row"]: r for r in results["rows"] if r["failures"]}
+    assert set(failed) == {"shots=2"} and failed["shots=2"]["runs"] == []
+    assert "cuda" in failed["shots=2"]["failures"][0].lower()
+    assert "failed rows: shots=2" in capsys.readouterr().out
+    # Rows outside --only still come from their records.
+    assert {r["row"] for r in results["rows"]} >= {"ties", "prodistill"}
+    assert {p.name: p.read_text() for p in runs.glob("*.json")} == before    # nothing cached or overwritten
+    assert "| shots=2 | prodistill" in (tiny_bench["root"] / "failed" / "tiny.md").read_text()
+
+
+def test_track_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown track 'glue9'.*glue8-minilm"):
+        load_track("glue9")
+    bad = tmp_path / "t.yaml"
+    bad.write_text(yaml.safe_dump({"base": "x", "tasks": ["sst2"], "recipe": {}, "shotz": 3}))
+    with pytest.raises(ConfigError, match="shotz"):
+        load_track(bad)
+    assert cli_main(["bench", "glue8-minilm", "--stages", "nonsense", "--dry-run"]) == 2
+
+
+def test_builtin_tracks_follow_the_protocol(capsys):
+    glue, vision = BUILTIN_TRACKS["glue8-minilm"], BUILTIN_TRACKS["vision5-effnet"]
+    assert glue.tasks == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
+    assert vision.tasks == ["mnist", "fashion_mnist", "kmnist", "cifar10", "gtsrb"]
+    for track in (glue, vision):
+        assert track.shots == 64 and track.seeds == [0, 1, 2]
+        assert [row.shots for row in track.ablations["shots"]] == [1, 4, 16, 64]
+    assert cli_main(["bench", "glue8-minilm", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "prodistill seed 2: prodistill" in plan and "emr: emr" in plan and "slerp" not in plan
+    assert "distillation  DistillMerge (end to end) seed 0: distillmerge" in plan
+
+
+def test_measure_records_the_commands_own_peak(tmp_path):
+    from layermerge.bench.measure import main as measure_main
+    from layermerge.bench.measure import peak_rss_mib
+
+    before = peak_rss_mib()
+    result = tmp_path / "m.json"
+    assert measure_main([str(result), "--", "methods", "--json"]) == 0
+    record = json.loads(result.read_text())
+    assert record["exit_code"] == 0 and record["peak_rss_mib"] >= before * 0.99 and record["wall_s"] >= 0
+    assert measure_main([str(result)]) == 2
+    assert Path(result).is_file()
