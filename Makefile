@@ -38,10 +38,12 @@ bench-memory: $(STAMP)
 
 # The benchmark tracks (docs/BENCHMARKS.md): hours on a 2-core CPU, resumable; rerun to continue.
 bench-glue8: $(STAMP)
-	$(VENV)/bin/layermerge bench glue8-minilm --report-dir docs/bench --json benchmarks/results/bench_glue8-minilm.json
+	$(VENV)/bin/layermerge bench glue8-minilm --report-dir docs/bench --json benchmarks/results/bench_glue8-minilm.json \
+		--splice docs/BENCHMARKS.md
 
 bench-vision5: $(STAMP)
-	$(VENV)/bin/layermerge bench vision5-effnet --report-dir docs/bench --json benchmarks/results/bench_vision5-effnet.json
+	$(VENV)/bin/layermerge bench vision5-effnet --report-dir docs/bench --json benchmarks/results/bench_vision5-effnet.json \
+		--splice docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,12 +114,27 @@ def test_ensemble_matches_logits_averaged_by_hand(tiny_bench):
 def test_report_has_every_table_and_plot(tiny_bench):
     report = tiny_bench["root"] / "report"
     text = (report / "tiny.md").read_text()
-    for heading in ("### Every method", "### ProDistill ablations", "### Cost of the data-driven methods",
+    for heading in ("#### Every method", "#### ProDistill ablations", "#### Cost of the data-driven methods",
                     "*experts*", "*ensemble*", "shots=2", "ProDistill normalised average"):
         assert heading in text
     for kind in ("methods", "shots", "cost"):
         png = report / f"tiny-{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(tiny-{kind}.png)" in text
+
+
+def test_splice_puts_the_tables_between_the_markers(tiny_bench, tmp_path):
+    document = tmp_path / "docs" / "BENCH.md"
+    document.parent.mkdir()
+    document.write_text("# Benchmarks\n\nintro\n<!-- bench:tiny -->\nold table\n<!-- /bench:tiny -->\nafter\n")
+    args = [*tiny_bench["args"], "--splice", str(document)]
+    assert cli_main(args) == 0
+    text = document.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n<!-- bench:tiny -->\n### Track `tiny`")
+    assert "old table" not in text and text.endswith("<!-- /bench:tiny -->\nafter\n")
+    relative = Path(os.path.relpath(tiny_bench["root"] / "report", document.parent))
+    assert f"]({relative}/tiny-methods.png)" in text
+    document.write_text("no markers here\n")
+    assert cli_main(args) == 2 and document.read_text() == "no markers here\n"
 
 
 def test_a_rerun_reuses_every_record_and_rerun_recomputes_one_row(tiny_bench, monkeypatch, capsys):

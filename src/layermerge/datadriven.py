@@ -28,7 +28,7 @@ from torch import nn
 
 from layermerge import distributed
 from layermerge.coefficient_plot import BLOCKS_FILE, block_coefficient_stats, plot_coefficients
-from layermerge.engine import DiscardingSink, ExpertSetSource, run_engine, task_arithmetic_tensor
+from layermerge.engine import DiscardingSink, ExpertSetSource, non_block_tensor, run_engine
 from layermerge.engine.context import BlockResult
 from layermerge.errors import ConfigError, LayermergeError
 from layermerge.experts import ExpertSet, detect_prefix
@@ -268,7 +268,7 @@ class OutputSink:
             base = expert_set.base_tensor(key)
             experts = expert_set.expert_tensors(key)
             as_float = (lambda t: t.float()) if base.is_floating_point() else (lambda t: t)
-            merged = task_arithmetic_tensor(as_float(base), [as_float(t) for t in experts], scaling)
+            merged = non_block_tensor(key, as_float(base), [as_float(t) for t in experts], scaling)
             dtype = self.out_dtype or self.reference.dtype(self.ref_prefix + key)
             self.writer.add_tensor(key, merged.to(dtype))
             self.written.add(key)

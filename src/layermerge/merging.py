@@ -21,6 +21,7 @@ from layermerge.io.writer import CheckpointWriter
 from layermerge.methods.base import TensorResult
 from layermerge.methods.registry import get_method, validate_params
 from layermerge.model_card import model_card_text
+from layermerge.norm_stats import is_running_statistic, mean_of_experts
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -168,7 +169,10 @@ def merge(base: str | Path | None, experts: dict[str, str | Path], method: str =
     def merged_tensors():
         for key, base_t, expert_ts in tqdm(expert_set.iter_merge_tensors(), total=len(keys), disable=quiet,
                                            desc=f"{method}: merging", unit="tensor"):
-            result = algorithm.merge_tensor(key, base_t, expert_ts)
+            if is_running_statistic(key):
+                result = mean_of_experts(expert_ts)       # statistics, not weights (methods/statistics.py)
+            else:
+                result = algorithm.merge_tensor(key, base_t, expert_ts)
             del base_t, expert_ts  # free this key's inputs before the output is cast and written
             if not isinstance(result, TensorResult):
                 result = TensorResult(result)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from layermerge.bench.results import best_data_free, main_rows
+from layermerge.errors import ConfigError
 
 
 def _pm(stat: dict, digits: int = 1) -> str:
@@ -97,7 +98,7 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     track, meta = results["track"], results["meta"]
     examples = "/".join(str(n) for n in sorted(set(results["eval_examples"].values())))
     parts = [
-        f"## Track `{track['name']}`",
+        f"### Track `{track['name']}`",
         "",
         track["description"],
         "",
@@ -116,15 +117,15 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     line = headline(results)
     if line:
         parts += ["", line]
-    parts += ["", "### Every method", "", main_table(results)]
+    parts += ["", "#### Every method", "", main_table(results)]
     if plots and "methods" in plots:
         parts += ["", f"![normalised average per method]({plots['methods']})"]
     ablations = ablation_tables(results)
     if ablations:
-        parts += ["", "### ProDistill ablations", "", ablations]
+        parts += ["", "#### ProDistill ablations", "", ablations]
     if plots and "shots" in plots:
         parts += ["", f"![normalised average against shots per task]({plots['shots']})"]
-    parts += ["", "### Cost of the data-driven methods", "", cost_table(results)]
+    parts += ["", "#### Cost of the data-driven methods", "", cost_table(results)]
     if plots and "cost" in plots:
         parts += ["", f"![normalised average against merge time]({plots['cost']})"]
     return "\n".join(parts) + "\n"
@@ -207,3 +208,18 @@ def write_report(results: dict, folder: Path, stem: str, json_path: Path | None 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return {"markdown": markdown, "json": json_path, **{k: folder / v for k, v in plots.items()}}
+
+
+def splice_into(document: Path, track: str, markdown: str, image_folder: str) -> None:
+    """Replace the text between ``<!-- bench:TRACK -->`` and ``<!-- /bench:TRACK -->`` in ``document``
+    with ``markdown`` (its image links prefixed with ``image_folder``), so the published page always
+    holds the latest tables; the markers must already be there."""
+    begin, end = f"<!-- bench:{track} -->", f"<!-- /bench:{track} -->"
+    text = document.read_text()
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        raise ConfigError(f"{document} has no '{begin}' ... '{end}' section to fill; add the two markers "
+                          "where the track's tables should go")
+    body = markdown.replace("](", f"]({image_folder.rstrip('/')}/") if image_folder else markdown
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    document.write_text(f"{head}{begin}\n{body}{end}{tail}")

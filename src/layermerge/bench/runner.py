@@ -231,14 +231,21 @@ def measured_merge(ctx: BenchContext, config: dict, name: str) -> tuple[dict, Pa
     command = [sys.executable, "-m", "layermerge.bench.measure", str(result), "--", "merge", str(config_path),
                "--output", str(output), "--overwrite"] + (["--quiet"] if ctx.quiet else [])
     started = time.perf_counter()
-    process = subprocess.run(command, stdout=None if not ctx.quiet else subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, check=False)
-    cost = json.loads(result.read_text()) if result.is_file() else {"exit_code": process.returncode}
+    process = subprocess.Popen(command, stdout=None if not ctx.quiet else subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    tail = ""
+    for chunk in iter(lambda: process.stderr.read(4096), ""):
+        if not ctx.quiet:              # progress bars pass through; the tail is kept for the error line
+            sys.stderr.write(chunk)
+            sys.stderr.flush()
+        tail = (tail + chunk)[-8192:]
+    returncode = process.wait()
+    cost = json.loads(result.read_text()) if result.is_file() else {"exit_code": returncode}
     cost["process_wall_s"] = round(time.perf_counter() - started, 2)
-    if process.returncode != 0:
-        lines = [line for line in (process.stderr or "").strip().splitlines() if line.strip()]
-        cost["exit_code"] = process.returncode
-        cost["error"] = lines[-1] if lines else f"exit code {process.returncode}"
+    if returncode != 0:
+        lines = [line for line in tail.replace("\r", "\n").splitlines() if line.strip()]
+        cost["exit_code"] = returncode
+        cost["error"] = lines[-1] if lines else f"exit code {returncode}"
     return cost, output
 
 

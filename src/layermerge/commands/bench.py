@@ -29,6 +29,9 @@ def add_parser(subparsers):
                                             "./.cache/layermerge)")
     parser.add_argument("--report-dir", help="where <track>.md and the PNG plots go (default <workdir>/report)")
     parser.add_argument("--json", help="results JSON (default <report-dir>/<track>.json)")
+    parser.add_argument("--splice", metavar="DOC.md",
+                        help="also put the tables into DOC.md between <!-- bench:TRACK --> and "
+                             "<!-- /bench:TRACK --> (image links made relative to DOC.md)")
     parser.add_argument("--device", default="cpu", help="device of the data-driven merges: cpu, cuda, auto")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are cached, run nothing")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or step messages")
@@ -40,7 +43,7 @@ def run(args) -> int:
     import os
     import sys
 
-    from layermerge.bench.report import write_report
+    from layermerge.bench.report import splice_into, write_report
     from layermerge.bench.runner import run_track
     from layermerge.bench.tracks import load_track
     from layermerge.errors import ConfigError
@@ -67,6 +70,10 @@ def run(args) -> int:
         return 0
     report_dir = Path(args.report_dir) if args.report_dir else workdir / "report"
     paths = write_report(results, report_dir, track.name, Path(args.json) if args.json else None)
+    if args.splice:
+        document = Path(args.splice)
+        images = os.path.relpath(report_dir.resolve(), document.resolve().parent)
+        splice_into(document, track.name, paths["markdown"].read_text(), "" if images == "." else images)
     failed = [r["row"] for r in results["rows"] if r["failures"]]
     print(f"report: {paths['markdown']}; results: {paths['json']}")
     if failed:

@@ -11,6 +11,7 @@ from layermerge.engine.driver import (
     EngineResult,
     EngineSink,
     block_seed,
+    non_block_tensor,
     resolve_compute_dtype,
     run_engine,
     task_arithmetic_tensor,
@@ -20,4 +21,5 @@ from layermerge.engine.sources import ExpertSetSource, StateDictSource, WeightSo
 __all__ = ["ActivationCache", "BlockContext", "BlockEngine", "BlockInputs", "BlockMerger", "BlockResult",
            "CollectingSink", "DiscardingSink", "EngineResult", "EngineSink", "ExpertSetSource", "NetworkContext",
            "PairRef", "StateDictSource", "WeightSource", "block_seed", "call_block", "capture_block_inputs",
-           "resolve_compute_dtype", "run_engine", "task_arithmetic_tensor"]
+           "non_block_tensor", "resolve_compute_dtype", "run_engine",
+           "task_arithmetic_tensor"]

@@ -38,6 +38,7 @@ from layermerge.engine.context import BlockContext, BlockResult, NetworkContext,
 from layermerge.engine.sources import WeightSource, as_source, expert_tensor
 from layermerge.engine.tree import map_tensors
 from layermerge.errors import ConfigError, DataError, IncompatibleExpertsError, OutputError
+from layermerge.norm_stats import is_running_statistic, mean_of_experts
 
 DEFAULT_CACHE_BUDGET = 2 * 1024**3
 COMPUTE_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -184,6 +185,14 @@ def _block_params(source: WeightSource, prefix: str, names: list[str], device,
     return base, expert_weights
 
 
+def non_block_tensor(key: str, base: torch.Tensor, experts: list[torch.Tensor], scaling: float) -> torch.Tensor:
+    """A tensor outside the trained blocks: Task Arithmetic at ``scaling``, except normalisation running
+    statistics, which are the experts' mean (see ``layermerge.norm_stats``)."""
+    if base.is_floating_point() and is_running_statistic(key):
+        return mean_of_experts(experts).to(base.dtype)
+    return task_arithmetic_tensor(base, experts, scaling)
+
+
 def task_arithmetic_tensor(base: torch.Tensor, experts: list[torch.Tensor], scaling: float) -> torch.Tensor:
     """θ0 + λ Σ τ_i for float tensors (the data-free method's expression, so results match bit for bit);
     the base for integer buffers."""
@@ -312,8 +321,8 @@ class BlockEngine:
 
         Each expert's non-block weights are read and loaded one expert at a time.
         """
-        merged_non_block = {key: task_arithmetic_tensor(self.source.base(key), self.source.experts(key),
-                                                        self.scaling)
+        merged_non_block = {key: non_block_tensor(key, self.source.base(key), self.source.experts(key),
+                                                  self.scaling)
                             for key in self.non_block_keys}
         self._load_non_block(merged_non_block)
         self._check_embedding_materialised()

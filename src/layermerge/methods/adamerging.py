@@ -27,6 +27,7 @@ from pydantic import Field
 from layermerge.errors import ConfigError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.registry import MethodParams, register
+from layermerge.norm_stats import is_running_statistic, mean_of_experts
 
 LogitsFn = Callable[[str, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 REGRESSION_NOTE = "one output (regression): no prediction entropy, no loss term"
@@ -172,7 +173,7 @@ def adamerge(coefficients: Coefficients, batches: Mapping[str, Sequence[Mapping[
 def stacked_task_vectors(ctx, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """float key → (T, *shape) stack of τ_i = θ_i − θ0, filled one expert at a time (peak: the stack
     plus one expert's backbone)."""
-    keys = [key for key, tensor in base.items() if tensor.is_floating_point()]
+    keys = [key for key, tensor in base.items() if tensor.is_floating_point() and not is_running_statistic(key)]
     vectors = {key: torch.empty((len(ctx.tasks), *base[key].shape), device=base[key].device) for key in keys}
     for position, task in enumerate(ctx.tasks):
         state = ctx.expert_state(task)
@@ -180,6 +181,16 @@ def stacked_task_vectors(ctx, base: Mapping[str, torch.Tensor]) -> dict[str, tor
             torch.sub(state[key], base[key], out=vectors[key][position])
         del state
     return vectors
+
+
+def average_running_statistics(ctx, base: dict[str, torch.Tensor]) -> None:
+    """Put the experts' mean in ``base`` for BatchNorm running statistics, which get no λ: combined like
+    weights they can turn negative (``layermerge.norm_stats``), also during training."""
+    keys = [key for key, tensor in base.items() if tensor.is_floating_point() and is_running_statistic(key)]
+    if keys:
+        states = [ctx.expert_state(task) for task in ctx.tasks]
+        for key in keys:
+            base[key] = mean_of_experts([state[key] for state in states])
 
 
 @register("adamerging", summary="task- or layer-wise merging coefficients learned by minimising the prediction "
@@ -203,7 +214,9 @@ class AdaMerging(DataDrivenMethod):
 
         p = self.params
         base = ctx.base_state()
-        coefficients = Coefficients(base, stacked_task_vectors(ctx, base), ctx.tasks, p.init, p.granularity)
+        vectors = stacked_task_vectors(ctx, base)
+        average_running_statistics(ctx, base)
+        coefficients = Coefficients(base, vectors, ctx.tasks, p.init, p.granularity)
         del base  # the coefficients hold θ0 + init Σ τ instead
         batches = {task: ctx.batches(task) for task in ctx.tasks}
         stats = adamerge(coefficients, batches, ctx.logits, lr=p.lr, steps=p.steps, progress=ctx.progress,

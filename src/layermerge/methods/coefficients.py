@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layermerge.methods.base import task_vectors
+from layermerge.norm_stats import is_running_statistic, mean_of_experts
 
 GRANULARITIES = ("element", "tensor", "task")
 
@@ -23,8 +24,9 @@ GRANULARITIES = ("element", "tensor", "task")
 class MergingCoefficients:
     """λ for one block: per element (the paper), per tensor, or one per task for the whole block.
 
-    Only ``nn.Parameter``s get coefficients; float buffers (BatchNorm statistics) are merged by Task
-    Arithmetic at ``init`` and integer buffers are the base's.
+    Only ``nn.Parameter``s get coefficients; BatchNorm running statistics are the experts' mean
+    (``layermerge.norm_stats``), other float buffers Task Arithmetic at ``init``, and integer
+    buffers the base's.
     """
 
     def __init__(self, module: nn.Module, base: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]],
@@ -39,6 +41,9 @@ class MergingCoefficients:
                         for name in base if base[name].is_floating_point()}
         self.start = {name: base[name] + self.init * self.vectors[name].sum(0) if name in self.vectors
                       else base[name] for name in base}
+        for name in self.start:
+            if name in self.vectors and name not in self.learnable and is_running_statistic(name):
+                self.start[name] = mean_of_experts([experts[t][name] for t in tasks]).to(base[name].dtype)
         count = len(self.tasks)
         if granularity == "task":
             shared = torch.zeros(count, device=device, requires_grad=True)

@@ -186,6 +186,9 @@ def train_router(router: Portland, data: Mapping[str, TaskData], epsilon: torch.
                             "make merging match ensembling (Li, Yu, Wang 2025)", needs_data=True, kind="model",
           needs_base=False)
 class NeuLig(DataDrivenMethod):
+    # β-weighted sums of the experts are convex: their statistics stay valid and follow the weights.
+    merges_running_statistics = True
+
     class Params(MethodParams):
         model_mode: Literal["per_task", "per_batch", "global"] = Field(
             "per_task", description="per_task: one fixed model per task from β averaged over its data (saved as "

@@ -310,6 +310,8 @@ class ContextRunner:
                               "et al. 2024)", needs_data=True, kind="model", needs_base=False, min_experts=2)
 class NPMerge(DataDrivenMethod):
     artifact_name = "alphas"
+    # α-interpolations are convex, and reset_bn re-estimates the statistics on data.
+    merges_running_statistics = True
 
     class Params(MethodParams):
         align: Literal["weight", "activation", "none"] = Field(

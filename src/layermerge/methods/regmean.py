@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from layermerge.engine import BlockResult, task_arithmetic_tensor
+from layermerge.engine import BlockResult, non_block_tensor
 from layermerge.errors import ConfigError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.registry import MethodParams, register
@@ -249,7 +249,7 @@ class RegMean(DataDrivenMethod):
         if not base.is_floating_point():
             return base
         if self.params.others == "task_arithmetic":
-            return task_arithmetic_tensor(base, experts, self.params.scaling)
+            return non_block_tensor(name, base, experts, self.params.scaling)
         return torch.stack(experts).mean(0)
 
 
