@@ -66,6 +66,8 @@ def test_every_row_and_seed_is_run_and_reported(tiny_bench):
             cost = run["cost"]
             assert cost["exit_code"] == 0 and cost["wall_s"] > 0 and cost["peak_rss_mib"] > 50
             assert cost["rss_vs_task_arithmetic"] > 0 and cost["time_vs_task_arithmetic"] > 0
+    records = [json.loads(p.read_text()) for p in (tiny_bench["root"] / "work" / "runs").glob("prodistill-*.json")]
+    assert records and all("blocks" in r["merge_summary"] or "omitted" in r["merge_summary"] for r in records)
 
 
 def test_averages_and_normalised_scores_match_a_hand_computation(tiny_bench):
@@ -115,7 +117,7 @@ def test_report_has_every_table_and_plot(tiny_bench):
     report = tiny_bench["root"] / "report"
     text = (report / "tiny.md").read_text()
     for heading in ("#### Every method", "#### ProDistill ablations", "#### Cost of the data-driven methods",
-                    "*experts*", "*ensemble*", "shots=2", "ProDistill normalised average"):
+                    "*experts*", "*ensemble*", "shots=2", "- ProDistill: normalised average"):
         assert heading in text
     for kind in ("methods", "shots", "cost"):
         png = report / f"tiny-{kind}.png"

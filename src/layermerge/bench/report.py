@@ -83,15 +83,25 @@ def cost_table(results: dict) -> str:
 
 
 def headline(results: dict) -> str:
-    """ProDistill against the best data-free method: the numbers the issue's targets are about."""
-    prodistill = next((r for r in main_rows(results) if r["method"] == "prodistill" and r["runs"]), None)
+    """The seed papers' claims in numbers: ProDistill against the best data-free method, NeuLig against
+    the ensemble it imitates, NP Merge against plain weight averaging."""
+    rows = {r["method"]: r for r in main_rows(results) if r["runs"]}
+    lines = []
     best = best_data_free(results)
-    if prodistill is None or best is None:
-        return ""
-    gap = prodistill["normalised"]["mean"] - best["normalised"]["mean"]
-    return (f"ProDistill normalised average {_pm(prodistill['normalised'])} "
-            f"({prodistill['normalised']['mean'] / 100:.3f} of the experts); best data-free method "
-            f"{best['row']} {_pm(best['normalised'])}; gap {gap:+.1f} points.")
+    if "prodistill" in rows and best is not None:
+        prodistill = rows["prodistill"]
+        gap = prodistill["normalised"]["mean"] - best["normalised"]["mean"]
+        lines.append(f"- ProDistill: normalised average {_pm(prodistill['normalised'])} "
+                     f"({prodistill['normalised']['mean'] / 100:.3f} of the experts); best data-free method "
+                     f"{best['row']} {_pm(best['normalised'])}; gap {gap:+.1f} points.")
+    ensemble = results["references"].get("ensemble")
+    if "neulig" in rows and ensemble is not None:
+        lines.append(f"- NeuLig: average {_pm(rows['neulig']['average'])} against the ensemble of experts' "
+                     f"{ensemble['average']:.1f} ({rows['neulig']['params'].get('model_mode', 'per_task')} models).")
+    if "np_merge" in rows and "average" in rows:
+        lines.append(f"- NP Merge: average {_pm(rows['np_merge']['average'])} against weight averaging's "
+                     f"{_pm(rows['average']['average'])}.")
+    return "\n".join(lines)
 
 
 def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:

@@ -261,6 +261,20 @@ def ensure_baseline_cost(ctx: BenchContext) -> dict:
     return ctx.baseline_cost
 
 
+SUMMARY_LIMIT = 50_000     # characters of a method's summary kept in a run record
+
+
+def merge_summary(output: Path) -> dict | None:
+    """The method's own facts from ``layermerge_summary.json`` (learned λ, losses, kept fractions...),
+    for reading the results later; dropped when too bulky for a record (per-block stats of deep models)."""
+    try:
+        summary = json.loads((output / "layermerge_summary.json").read_text()).get("summary")
+    except (OSError, ValueError):
+        return None
+    text = json.dumps(summary, default=str)
+    return summary if len(text) <= SUMMARY_LIMIT else {"omitted": f"{len(text)} characters"}
+
+
 def execute(ctx: BenchContext, run: Run) -> dict:
     """Merge, evaluate on every task, and return the run's record (not yet written)."""
     from layermerge.eval.evaluate import evaluate_task
@@ -275,6 +289,7 @@ def execute(ctx: BenchContext, run: Run) -> dict:
         track = ctx.track
         record["scores"] = {t: evaluate_task(output, t, "test", track.eval_examples, max_length=track.max_length,
                                              data_dir=track.data_dir).to_dict() for t in track.tasks}
+        record["merge_summary"] = merge_summary(output)
         record["cost"]["rss_vs_task_arithmetic"] = round(cost["peak_rss_mib"] / baseline["peak_rss_mib"], 3)
         record["cost"]["time_vs_task_arithmetic"] = round(cost["wall_s"] / max(baseline["wall_s"], 1e-3), 3)
     shutil.rmtree(output, ignore_errors=True)
