@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,20 @@ def test_a_rerun_reuses_every_record_and_rerun_recomputes_one_row(tiny_bench, mo
     assert [r["normalised"] for r in again["rows"]] == [r["normalised"] for r in tiny_bench["results"]["rows"]]
     assert cli_main([*tiny_bench["args"], "--rerun", "ties", "--only", "ties"]) == 0
     assert merged == ["task_arithmetic", "ties"]       # the same-invocation baseline, then the row itself
+
+
+def test_report_only_merges_nothing_and_leaves_missing_runs_out(tiny_bench, monkeypatch):
+    monkeypatch.setattr(runner, "measured_merge", lambda *a: pytest.fail("--report-only must not merge"))
+    work = tiny_bench["root"] / "work"
+    shutil.copytree(work, tiny_bench["root"] / "work-partial")
+    record = next(p for p in (tiny_bench["root"] / "work-partial" / "runs").glob("dare_ties-*.json"))
+    record.unlink()
+    args = [a if a != str(work) else str(tiny_bench["root"] / "work-partial") for a in tiny_bench["args"]]
+    assert cli_main([*args, "--report-only", "--report-dir", str(tiny_bench["root"] / "partial")]) == 0
+    results = json.loads((tiny_bench["root"] / "partial" / "tiny.json").read_text())
+    dare = next(r for r in results["rows"] if r["row"] == "dare_ties")
+    assert len(dare["seeds"]) == 1 and dare["normalised"]["n"] == 1
+    assert f"| {dare['seeds'][0]} |" in (tiny_bench["root"] / "partial" / "tiny.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA for the merge to fail")

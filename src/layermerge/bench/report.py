@@ -34,15 +34,15 @@ def _params(row: dict) -> str:
 
 def main_table(results: dict) -> str:
     tasks = results["tasks"]
-    lines = [f"| method | kind | {' | '.join(tasks)} | average | normalised |",
-             "|---|---|" + "---:|" * (len(tasks) + 2)]
+    lines = [f"| method | kind | {' | '.join(tasks)} | average | normalised | seeds |",
+             "|---|---|" + "---:|" * (len(tasks) + 2) + "---|"]
     refs = results["references"]
     for name, note in (("experts", "reference: each expert on its own task"),
                        ("ensemble", "reference: mean of all experts' logits")):
         if name in refs:
             ref = refs[name]
             lines.append(f"| *{name}* | {note} | " + " | ".join(_num(ref["scores"][t]) for t in tasks)
-                         + f" | {_num(ref['average'])} | {_num(ref['normalised'])} |")
+                         + f" | {_num(ref['average'])} | {_num(ref['normalised'])} | |")
     rows = sorted(main_rows(results), key=lambda r: (r["needs_data"], -(r["normalised"]["mean"] or -1e9)))
     for row in rows:
         kind = "data-driven" + (", labelled" if row["uses_labels"] else "") if row["needs_data"] else "data-free"
@@ -50,7 +50,9 @@ def main_table(results: dict) -> str:
             lines.append(f"| {row['row']} | {kind} | failed: {row['failures'][0] if row['failures'] else '?'} |")
             continue
         cells = " | ".join(_num(row["scores"][t]["mean"]) for t in tasks)
-        lines.append(f"| {row['row']} | {kind} | {cells} | {_pm(row['average'])} | {_pm(row['normalised'])} |")
+        seeds = ", ".join("—" if s is None else str(s) for s in row["seeds"])
+        lines.append(f"| {row['row']} | {kind} | {cells} | {_pm(row['average'])} | {_pm(row['normalised'])} | "
+                     f"{seeds} |")
     return "\n".join(lines)
 
 

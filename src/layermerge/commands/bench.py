@@ -33,7 +33,9 @@ def add_parser(subparsers):
                         help="also put the tables into DOC.md between <!-- bench:TRACK --> and "
                              "<!-- /bench:TRACK --> (image links made relative to DOC.md)")
     parser.add_argument("--device", default="cpu", help="device of the data-driven merges: cpu, cuda, auto")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and which are cached, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the planned runs, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the cached runs only; merge nothing (missing runs are left out)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or step messages")
     add_threads_option(parser)
     return parser
@@ -61,6 +63,8 @@ def run(args) -> int:
     cache_dir = cache_root(args.cache_dir)
     workdir = Path(args.workdir) if args.workdir else cache_dir / "bench" / track.name
     only = {s.strip() for s in args.only.split(",")} if args.only else None
+    if args.report_only:
+        only = set()
     rerun = {s.strip() for s in args.rerun.split(",") if s.strip()}
     results = run_track(track, workdir=workdir, cache_dir=cache_dir, studies=stages, rerun=rerun, only=only,
                         device=args.device, quiet=args.quiet, dry_run=args.dry_run,
