@@ -219,3 +219,15 @@ def test_measure_records_the_commands_own_peak(tmp_path):
     assert record["exit_code"] == 0 and record["peak_rss_mib"] >= before * 0.99 and record["wall_s"] >= 0
     assert measure_main([str(result)]) == 2
     assert Path(result).is_file()
+
+
+def test_per_task_methods_are_kept_apart_from_single_merges():
+    from layermerge.bench.results import best_data_free, per_task_models
+
+    assert per_task_models("emr", {}) and per_task_models("neulig", {})
+    assert not per_task_models("neulig", {"model_mode": "global"}) and not per_task_models("ties", {})
+    rows = [{"study": "main", "row": m, "needs_data": False, "per_task_models": per_task_models(m, {}),
+             "normalised": {"mean": score}} for m, score in (("emr", 72.0), ("magmax", 51.0), ("ties", 40.0))]
+    results = {"rows": rows}
+    assert best_data_free(results)["row"] == "emr"
+    assert best_data_free(results, single_model=True)["row"] == "magmax"

@@ -46,6 +46,8 @@ def main_table(results: dict) -> str:
     rows = sorted(main_rows(results), key=lambda r: (r["needs_data"], -(r["normalised"]["mean"] or -1e9)))
     for row in rows:
         kind = "data-driven" + (", labelled" if row["uses_labels"] else "") if row["needs_data"] else "data-free"
+        if row.get("per_task_models"):
+            kind += ", per-task models"
         if not row["runs"]:
             lines.append(f"| {row['row']} | {kind} | failed: {row['failures'][0] if row['failures'] else '?'} |")
             continue
@@ -89,13 +91,16 @@ def headline(results: dict) -> str:
     the ensemble it imitates, NP Merge against plain weight averaging."""
     rows = {r["method"]: r for r in main_rows(results) if r["runs"]}
     lines = []
-    best = best_data_free(results)
+    best, single = best_data_free(results), best_data_free(results, single_model=True)
     if "prodistill" in rows and best is not None:
         prodistill = rows["prodistill"]
-        gap = prodistill["normalised"]["mean"] - best["normalised"]["mean"]
+        gaps = [f"best data-free method {best['row']} {_pm(best['normalised'])} "
+                f"(gap {prodistill['normalised']['mean'] - best['normalised']['mean']:+.1f} points)"]
+        if single is not None and single is not best:
+            gaps.append(f"best data-free single model {single['row']} {_pm(single['normalised'])} "
+                        f"(gap {prodistill['normalised']['mean'] - single['normalised']['mean']:+.1f})")
         lines.append(f"- ProDistill: normalised average {_pm(prodistill['normalised'])} "
-                     f"({prodistill['normalised']['mean'] / 100:.3f} of the experts); best data-free method "
-                     f"{best['row']} {_pm(best['normalised'])}; gap {gap:+.1f} points.")
+                     f"({prodistill['normalised']['mean'] / 100:.3f} of the experts); " + "; ".join(gaps) + ".")
     ensemble = results["references"].get("ensemble")
     if "neulig" in rows and ensemble is not None:
         lines.append(f"- NeuLig: average {_pm(rows['neulig']['average'])} against the ensemble of experts' "

@@ -23,6 +23,14 @@ def uses_labels(method: str, params: dict) -> bool:
     return method in LABELLED
 
 
+def per_task_models(method: str, params: dict) -> bool:
+    """Methods whose output is one model per task (task-specific masks or weights, so the task must be
+    known at inference), not one merged model: compare them with the ensemble, not with single merges."""
+    if method == "neulig":
+        return params.get("model_mode", "per_task") == "per_task"
+    return method == "emr"
+
+
 def summary(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -52,6 +60,7 @@ def _row(records: list[dict], tasks: list[str], experts: dict[str, float]) -> di
         "row": first["row"], "study": first["study"], "method": first["method"], "params": first["params"],
         "needs_data": get_method(first["method"]).needs_data, "shots": first["shots"],
         "uses_labels": uses_labels(first["method"], first["params"]),
+        "per_task_models": per_task_models(first["method"], first["params"]),
         "seeds": [run["seed"] for run in runs],
         "scores": {t: summary([run["scores"][t] for run in runs]) for t in tasks},
         "average": summary([run["average"] for run in runs]),
@@ -90,6 +99,9 @@ def main_rows(results: dict) -> list[dict]:
     return [r for r in results["rows"] if r["study"] == "main"]
 
 
-def best_data_free(results: dict) -> dict | None:
-    candidates = [r for r in main_rows(results) if not r["needs_data"] and r["normalised"]["mean"] is not None]
+def best_data_free(results: dict, single_model: bool = False) -> dict | None:
+    """The data-free row with the highest normalised average (``single_model``: among those that give one
+    merged model, leaving out EMR's per-task models)."""
+    candidates = [r for r in main_rows(results) if not r["needs_data"] and r["normalised"]["mean"] is not None
+                  and not (single_model and r.get("per_task_models"))]
     return max(candidates, key=lambda r: r["normalised"]["mean"], default=None)
