@@ -64,6 +64,12 @@ class BenchContext:
     invocation: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     baseline_cost: dict | None = None
 
+    @property
+    def scratch(self) -> Path:
+        """This invocation's own folder for configs and merged outputs: two invocations on one workdir
+        (a report while a track runs) never remove each other's files."""
+        return self.workdir / "scratch" / f"{os.getpid()}"
+
     def say(self, message: str) -> None:
         if not self.quiet:
             print(message, flush=True)
@@ -223,7 +229,7 @@ def record_path(ctx: BenchContext, run: Run) -> Path:
 
 def measured_merge(ctx: BenchContext, config: dict, name: str) -> tuple[dict, Path]:
     """``layermerge merge`` in its own process: its exit code, wall seconds and peak RSS (MiB)."""
-    scratch = ctx.workdir / "scratch"
+    scratch = ctx.scratch
     scratch.mkdir(parents=True, exist_ok=True)
     config_path, output, result = scratch / f"{name}.yaml", scratch / name, scratch / f"{name}.measure.json"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -372,7 +378,7 @@ def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: se
     prepare_experts(ctx)
     score_references(ctx)
     records = run_all(ctx, runs, rerun, only)
-    shutil.rmtree(workdir / "scratch", ignore_errors=True)
+    shutil.rmtree(ctx.scratch, ignore_errors=True)
     return build_results(track, records, ctx.expert_scores, ctx.ensemble_scores,
                          {"command": command, "date": ctx.invocation, "machine": machine(),
                           "seconds": round(time.perf_counter() - started, 1), "device": device,
