@@ -82,7 +82,7 @@ PRODISTILL_ABLATIONS = {
     "shots": [AblationRow(label=f"shots={k}", shots=k, seeds=[0, 1, 2]) for k in (1, 4, 16, 64)],
     "epochs": [AblationRow(label=f"epochs={e}", params={"epochs": e}) for e in (5, 20, 50)],
     "granularity": [AblationRow(label=f"granularity={g}", params={"granularity": g})
-                    for g in ("element", "tensor", "block")],
+                    for g in ("element", "tensor", "task")],
     "input_mode": [AblationRow(label=f"input_mode={m}", params={"input_mode": m})
                    for m in ("dual", "merged", "expert")],
     "distillation": [AblationRow(label="ProDistill (layer by layer)", method="prodistill"),
