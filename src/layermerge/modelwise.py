@@ -32,7 +32,7 @@ from layermerge.experts import ExpertSet
 from layermerge.io.writer import CheckpointWriter, check_output_location
 from layermerge.merging import MergedModel, _readers, _write_side_files, open_expert_set, resolve_dtype
 from layermerge.methods.registry import get_method, validate_params
-from layermerge.norm_stats import is_running_statistic, mean_of_experts
+from layermerge.norm_stats import experts_mean_statistics
 
 TASK_EXTRAS_REPLACE = "replace"      # layermerge_summary.json "task_extras" value: per-task tensors replace
 
@@ -279,15 +279,6 @@ def few_shot_with_labels(data, expert_set: ExpertSet) -> dict[str, list[dict]]:
             if name in expert_set.names}
 
 
-def _average_running_statistics(ctx: ModelContext, params: dict[str, torch.Tensor]) -> None:
-    """BatchNorm running statistics become the experts' mean (``layermerge.norm_stats``), in place."""
-    keys = [key for key in params if is_running_statistic(key) and params[key].is_floating_point()]
-    if keys:
-        states = [ctx.expert_state(task) for task in ctx.tasks]
-        for key in keys:
-            params[key] = mean_of_experts([state[key] for state in states]).to(params[key].device)
-
-
 def merge_with_models(base, experts, method: str, *, data=None, output: str | Path | None = None,
                       overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                       vocab_policy: str = "error", head_keys: list[str] | None = None, quiet: bool = False,
@@ -315,7 +306,7 @@ def merge_with_models(base, experts, method: str, *, data=None, output: str | Pa
     if missing:
         raise RuntimeError(f"method {method!r} returned no merged tensor for {missing[:5]}")
     if not getattr(algorithm, "merges_running_statistics", False):
-        _average_running_statistics(ctx, result.params)
+        result.params.update(experts_mean_statistics(ctx, result.params))   # see layermerge.norm_stats
     summary = {**result.stats, "seconds": round(time.perf_counter() - started, 3), "data": describe(batches)}
     if result.task_params:
         summary["task_extras"] = TASK_EXTRAS_REPLACE

@@ -21,6 +21,16 @@ def is_running_statistic(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in RUNNING_STATISTICS
 
 
+def experts_mean_statistics(ctx, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For the running statistics among ``tensors`` (float ones), the experts' mean read from a model
+    context (``ctx.tasks``, ``ctx.expert_state``); other keys are left out."""
+    keys = [key for key, tensor in tensors.items() if tensor.is_floating_point() and is_running_statistic(key)]
+    if not keys:
+        return {}
+    states = [ctx.expert_state(task) for task in ctx.tasks]
+    return {key: mean_of_experts([state[key] for state in states]).to(tensors[key].device) for key in keys}
+
+
 def mean_of_experts(experts: list[torch.Tensor]) -> torch.Tensor:
     """The experts' mean, accumulated one tensor at a time (float32 or wider)."""
     total = experts[0].to(torch.promote_types(experts[0].dtype, torch.float32)).clone()

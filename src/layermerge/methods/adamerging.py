@@ -27,7 +27,7 @@ from pydantic import Field
 from layermerge.errors import ConfigError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.registry import MethodParams, register
-from layermerge.norm_stats import is_running_statistic, mean_of_experts
+from layermerge.norm_stats import experts_mean_statistics, is_running_statistic
 
 LogitsFn = Callable[[str, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 REGRESSION_NOTE = "one output (regression): no prediction entropy, no loss term"
@@ -183,15 +183,6 @@ def stacked_task_vectors(ctx, base: Mapping[str, torch.Tensor]) -> dict[str, tor
     return vectors
 
 
-def average_running_statistics(ctx, base: dict[str, torch.Tensor]) -> None:
-    """Put the experts' mean in ``base`` for BatchNorm running statistics, which get no λ: combined like
-    weights they can turn negative (``layermerge.norm_stats``), also during training."""
-    keys = [key for key, tensor in base.items() if tensor.is_floating_point() and is_running_statistic(key)]
-    if keys:
-        states = [ctx.expert_state(task) for task in ctx.tasks]
-        for key in keys:
-            base[key] = mean_of_experts([state[key] for state in states])
-
 
 @register("adamerging", summary="task- or layer-wise merging coefficients learned by minimising the prediction "
                                 "entropy on unlabelled few-shot inputs (Yang et al. 2024); runs the whole model",
@@ -215,7 +206,7 @@ class AdaMerging(DataDrivenMethod):
         p = self.params
         base = ctx.base_state()
         vectors = stacked_task_vectors(ctx, base)
-        average_running_statistics(ctx, base)
+        base.update(experts_mean_statistics(ctx, base))   # no λ on running statistics (layermerge.norm_stats)
         coefficients = Coefficients(base, vectors, ctx.tasks, p.init, p.granularity)
         del base  # the coefficients hold θ0 + init Σ τ instead
         batches = {task: ctx.batches(task) for task in ctx.tasks}
