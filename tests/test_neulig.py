@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 import layermerge
 import layermerge.methods.neulig as neulig
-from layermerge.errors import ConfigError, DataError
+from layermerge.errors import DataError
 from layermerge.methods.neulig import NeuLig, Portland
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -276,11 +276,74 @@ def test_cross_entropy_without_labels_is_a_clear_error(setup):
     assert 0 <= result.stats["agreement"] <= 1
 
 
-def test_regression_head_is_refused(setup):
-    _, backbones, _, batches = setup
-    heads = [nn.Linear(16, 1) for _ in backbones]
-    with pytest.raises(ConfigError, match="classification head"):
-        NeuLig(NeuLig.Params(epochs=1)).fit(PlainContext(backbones, heads, batches))
+def regression_setup(setup):
+    """Task t0 becomes a regression task: a one-output head fitted to a float target on t0's inputs."""
+    _, backbones, heads, batches = setup
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    head = nn.Linear(16, 1)
+    inputs = torch.cat([b["x"] for b in batches["t0"]])
+    targets = inputs[:, 0] - 0.5 * inputs[:, 1] + 0.1 * torch.randn(len(inputs), generator=generator)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = nn.functional.mse_loss(head(backbones[0](inputs)).squeeze(-1), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head.requires_grad_(False)
+    half = len(inputs) // 2
+    regression = [{"x": inputs[:half], "labels": targets[:half]}, {"x": inputs[half:], "labels": targets[half:]}]
+    return backbones, [head, *heads[1:]], {**batches, "t0": regression}
+
+
+def test_boosting_loss_of_a_regression_head_is_the_squared_error():
+    predictions = torch.tensor([[0.5], [2.0], [-1.0]], requires_grad=True)
+    labels = torch.tensor([1.0, 1.0, 1.0])
+    loss = neulig.boosting_loss(predictions, labels)
+    assert float(loss.detach()) == pytest.approx((0.25 + 1.0 + 4.0) / 3)
+    unlabelled = neulig.boosting_loss(predictions, None)        # no entropy of one output: no term
+    unlabelled.backward()
+    assert float(unlabelled.detach()) == 0.0 and torch.equal(predictions.grad, torch.zeros(3, 1))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "entropy"])
+def test_a_regression_expert_merges_beside_classifiers(setup, loss):
+    backbones, heads, batches = regression_setup(setup)
+    ctx = PlainContext(backbones, heads, batches)
+    result = NeuLig(NeuLig.Params(epochs=40, loss=loss), ctx.tasks).merge_models(ctx)
+    weights = result.artifacts["weights.per_task"]
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    # The regression task's in-sample score is the Pearson correlation of its merged model's predictions
+    # with the float labels, computed here from the saved per-task weights.
+    model = nn.Sequential(nn.Sequential(*mlp()), heads[0])
+    model[0].load_state_dict(result.task_params["t0"])
+    inputs = torch.cat([b["x"] for b in batches["t0"]])
+    targets = torch.cat([b["labels"] for b in batches["t0"]])
+    predictions = model(inputs).squeeze(-1).detach().double()
+    expected = float(np.corrcoef(predictions.numpy(), targets.double().numpy())[0, 1])
+    row = result.stats["evaluation"]["modes"]["per_task"]["per_task"]["t0"]
+    assert row["merged"] == pytest.approx(expected, abs=1e-6)
+    assert row["merged"] > 0.5                                  # the merged model still predicts the target
+
+
+def test_supervised_regression_lowers_the_ensembles_squared_error(setup):
+    """With labels the router learns to lower the squared error of t0's β-weighted prediction below the
+    uniform start (router_init='zero'); computed here from the cached expert predictions."""
+    backbones, heads, batches = regression_setup(setup)
+    ctx = PlainContext(backbones, heads, batches)
+    fit = NeuLig(NeuLig.Params(loss="cross_entropy", epochs=150, lr=1e-2, align_weight=0.0, router_init="zero"),
+                 ctx.tasks).fit(ctx)
+    data = fit.data["t0"]
+    assert data.regression and data.labels.dtype == torch.float32
+
+    def squared_error(beta):
+        return float(((beta[:, :, None] * data.expert_logits.permute(1, 0, 2)).sum(1).squeeze(-1)
+                      - data.labels).pow(2).mean())
+
+    uniform = torch.full((len(data.labels), 3), 1 / 3)
+    with torch.no_grad():
+        trained = squared_error(fit.router(data.features))
+    assert trained < 0.8 * squared_error(uniform)
 
 
 # --------------------------------------------------------------------- end to end, tiny BERT experts

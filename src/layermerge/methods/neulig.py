@@ -6,7 +6,9 @@ weights of the experts' predictions and as merging coefficients of their weights
 Training (only the router; experts and heads frozen) minimises L_b + w·L_a:
 
 - L_b, the boosting loss: cross-entropy with labels, or the mean prediction entropy without, of the
-  task's head applied to the β-weighted feature ensemble Σ_i β_i(x) z_i(x);
+  task's head applied to the β-weighted feature ensemble Σ_i β_i(x) z_i(x). A regression head (one
+  output) has no class distribution: with labels its term is the squared error of the ensemble's
+  prediction, without labels it adds no term (as in AdaMerging) and only L_a moves its β;
 - L_a, the alignment loss: mean over x of (Σ_i β_i(x) ε_i)², with ε the standardised offsets
   (ξ_i = θ_i − mean_j θ_j, s_i = sum of ξ_i's elements, ε = (s − mean s) / std s across experts).
   It pushes β onto the hyperplane where merging and ensembling agree (w = 1/100 in the paper).
@@ -108,7 +110,12 @@ def ensemble_logits(beta: torch.Tensor, expert_logits: torch.Tensor) -> torch.Te
 
 
 def boosting_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy with ``labels``, or the mean prediction entropy without them."""
+    """Cross-entropy with ``labels``, or the mean prediction entropy without them. For a regression
+    head (one output) the mean squared error with ``labels``, and zero without them (no entropy)."""
+    if logits.shape[-1] == 1:
+        if labels is None:
+            return logits.sum() * 0.0
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
     if labels is not None:
         return F.cross_entropy(logits, labels)
     log_p = torch.log_softmax(logits, dim=-1)
@@ -143,9 +150,13 @@ class TaskData:
     """One task's cached few-shot tensors; ``sizes`` keeps the batch boundaries (per-batch β)."""
 
     features: torch.Tensor               # (N, T·d) router input
-    expert_logits: torch.Tensor          # (T, N, C): task head on expert i's backbone
-    labels: torch.Tensor | None          # (N,) or None
+    expert_logits: torch.Tensor          # (T, N, C): task head on expert i's backbone (C = 1: regression)
+    labels: torch.Tensor | None          # (N,) class ids, float targets (regression), or None
     sizes: list[int]
+
+    @property
+    def regression(self) -> bool:
+        return self.expert_logits.shape[-1] == 1
 
 
 def train_router(router: Portland, data: Mapping[str, TaskData], epsilon: torch.Tensor, *, epochs: int, lr: float,
@@ -197,7 +208,8 @@ class NeuLig(DataDrivenMethod):
                                     "averaged over all tasks")
         loss: Literal["entropy", "cross_entropy"] = Field(
             "entropy", description="boosting loss of the β-weighted ensemble: prediction entropy (unlabelled) "
-                                   "or cross-entropy with the few-shot labels")
+                                   "or cross-entropy with the few-shot labels (regression heads: squared error "
+                                   "with labels, no term without)")
         align_weight: float = Field(0.01, ge=0, description="weight of the alignment loss (paper: 1/100)")
         lr: float = Field(1e-3, gt=0, description="Adam learning rate of the router (paper: 1e-3)")
         epochs: int = Field(300, ge=0, description="passes over the few-shot data (each task's examples in "
@@ -300,10 +312,14 @@ def collect(ctx, task: str, states: Sequence[Mapping[str, torch.Tensor]]) -> Tas
             if "labels" in batch:
                 labels.append(batch["labels"].reshape(-1).to(ctx.device))
     logits = torch.cat(logits, dim=1).float()
-    if logits.dim() != 3 or logits.shape[-1] < 2:
-        raise ConfigError(f"NeuLig needs a classification head; expert '{task}' gives logits of shape "
-                          f"{tuple(logits.shape[1:])} (a regression head?). Leave that expert out")
-    label_tensor = torch.cat(labels).long() if len(labels) == len(sizes) else None
+    if logits.dim() != 3:
+        raise ConfigError(f"NeuLig needs one prediction vector per example, but expert '{task}''s head gives "
+                          f"logits of shape {tuple(logits.shape[1:])}; a pooled classification or regression "
+                          "head is needed")
+    label_tensor = None
+    if len(labels) == len(sizes):
+        label_tensor = torch.cat(labels)
+        label_tensor = label_tensor.float() if logits.shape[-1] == 1 else label_tensor.long()
     return TaskData(torch.cat(features).float(), logits, label_tensor, sizes)
 
 
@@ -327,7 +343,8 @@ def evaluate(ctx, fit: NeuLigFit, data: Mapping[str, TaskData], how: str = "firs
     ``ensemble`` is the router's per-example ensemble Σβ(x)·logits (the paper's); ``gap`` is ensemble
     minus merged accuracy; ``ensemble_same_weights`` uses the mode's own β (per batch, per task, global)
     so that ``merged`` and it differ only by merging vs ensembling; ``agreement`` is the share of
-    examples where merged and ensemble predict the same class (no labels needed). Accuracies are
+    examples where merged and ensemble predict the same class (no labels needed). For a regression
+    head "accuracy" and "agreement" are Pearson correlations (with the labels, between the predictions). Accuracies are
     means over tasks with labels (None without)."""
     keys, router = ctx.merge_keys, fit.router
     global_state = merge_states(fit.states, fit.global_weights, keys)
@@ -337,7 +354,7 @@ def evaluate(ctx, fit: NeuLigFit, data: Mapping[str, TaskData], how: str = "firs
         for task in ctx.tasks:
             d = data[task]
             beta = router(d.features)
-            ensemble_pred = ensemble_logits(beta, d.expert_logits).argmax(-1)
+            ensemble_pred = _predict(ensemble_logits(beta, d.expert_logits))
             ensemble_accuracy[task] = _accuracy(ensemble_pred, d.labels)
             task_state = merge_states(fit.states, fit.task_weights[task], keys)
             merged = {mode: [] for mode in MODES}
@@ -351,13 +368,13 @@ def evaluate(ctx, fit: NeuLigFit, data: Mapping[str, TaskData], how: str = "firs
                         "per_batch": (w_batch, merge_states(fit.states, w_batch, keys)),
                         "per_task": (fit.task_weights[task], task_state),
                         "global": (fit.global_weights, global_state)}.items():
-                    merged[mode].append(ctx.logits(task, state, batch).float().argmax(-1))
-                    same[mode].append(ensemble_logits(w.to(d.expert_logits), d.expert_logits[:, span]).argmax(-1))
+                    merged[mode].append(_predict(ctx.logits(task, state, batch).float()))
+                    same[mode].append(_predict(ensemble_logits(w.to(d.expert_logits), d.expert_logits[:, span])))
             for mode in MODES:
                 merged_pred, same_pred = torch.cat(merged[mode]), torch.cat(same[mode])
                 rows[mode][task] = {"merged": _accuracy(merged_pred, d.labels),
                                     "ensemble_same_weights": _accuracy(same_pred, d.labels),
-                                    "agreement": float((merged_pred == ensemble_pred).float().mean())}
+                                    "agreement": _agreement(merged_pred, ensemble_pred)}
     ensemble_mean = _mean(ensemble_accuracy.values())
     modes = {}
     for mode in MODES:
@@ -371,8 +388,31 @@ def evaluate(ctx, fit: NeuLigFit, data: Mapping[str, TaskData], how: str = "firs
     return {"batch_weights": how, "ensemble_per_task": ensemble_accuracy, "modes": modes}
 
 
+def _predict(logits: torch.Tensor) -> torch.Tensor:
+    """Class ids, or the float predictions of a regression head (one output)."""
+    return logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+
+
 def _accuracy(prediction: torch.Tensor, labels: torch.Tensor | None) -> float | None:
-    return None if labels is None else float((prediction == labels).float().mean())
+    """Share of correct class ids; for regression (float predictions) the Pearson correlation."""
+    if labels is None:
+        return None
+    if prediction.is_floating_point():
+        return _pearson(prediction, labels)
+    return float((prediction == labels).float().mean())
+
+
+def _agreement(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Share of examples with the same class; for regression the Pearson correlation of the predictions."""
+    if first.is_floating_point():
+        return _pearson(first, second)
+    return float((first == second).float().mean())
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
 
 
 def _mean(values) -> float | None:
