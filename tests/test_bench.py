@@ -153,6 +153,19 @@ def test_a_rerun_reuses_every_record_and_rerun_recomputes_one_row(tiny_bench, mo
     assert merged == ["task_arithmetic", "ties"]       # the same-invocation baseline, then the row itself
 
 
+def test_seeds_runs_only_those_sampling_seeds(tiny_bench, monkeypatch):
+    merged = []
+    real = runner.measured_merge
+    monkeypatch.setattr(runner, "measured_merge", lambda ctx, config, name: merged.append(
+        (config["method"], config.get("data", {}).get("seed"))) or real(ctx, config, name))
+    assert cli_main([*tiny_bench["args"], "--only", "prodistill", "--rerun", "prodistill", "--seeds", "1"]) == 0
+    assert merged == [("task_arithmetic", None), ("prodistill", 1)]
+    again = json.loads((tiny_bench["root"] / "report" / "tiny.json").read_text())
+    prodistill = next(r for r in again["rows"] if r["row"] == "prodistill")
+    assert prodistill["seeds"] == [0, 1]            # seed 0 still reported, from its record
+    assert cli_main([*tiny_bench["args"], "--seeds", "one"]) == 2
+
+
 def test_report_only_merges_nothing_and_leaves_missing_runs_out(tiny_bench, monkeypatch):
     monkeypatch.setattr(runner, "measured_merge", lambda *a: pytest.fail("--report-only must not merge"))
     work = tiny_bench["root"] / "work"

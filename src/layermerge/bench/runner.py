@@ -303,13 +303,16 @@ def execute(ctx: BenchContext, run: Run) -> dict:
 
 
 def run_all(ctx: BenchContext, runs: list[Run], rerun: set[str] = frozenset(),
-            only: set[str] | None = None) -> list[dict]:
+            only: set[str] | None = None, seeds: set[int] | None = None) -> list[dict]:
     """Every run, from its cached record where one exists (unless its row or method is in ``rerun``);
-    with ``only``, runs outside it are taken from their records or left out."""
+    with ``only`` (rows or methods) or ``seeds``, runs outside them are taken from their records or
+    left out."""
     records = []
     for number, run in enumerate(runs, 1):
         path = record_path(ctx, run)
-        if only is not None and run.row not in only and run.method not in only:
+        outside_only = only is not None and run.row not in only and run.method not in only
+        outside_seeds = seeds is not None and run.seed is not None and run.seed not in seeds
+        if outside_only or outside_seeds:
             if path.is_file():
                 records.append({**json.loads(path.read_text()), "row": run.row, "study": run.study})
             continue
@@ -358,12 +361,13 @@ def describe_plan(runs: list[Run]) -> str:
 
 
 def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: set[str],
-              rerun: set[str] = frozenset(), only: set[str] | None = None, device: str = "cpu",
+              rerun: set[str] = frozenset(), only: set[str] | None = None, seeds: set[int] | None = None,
+              device: str = "cpu",
               quiet: bool = False, dry_run: bool = False, command: str = "") -> dict | None:
     """Run the stages and return the results document (see ``layermerge.bench.results``).
 
-    ``only``: run just these rows (methods or ablation labels); the others still enter the results
-    from their cached records. ``dry_run``: print the planned runs and return None.
+    ``only``: run just these rows (methods or ablation labels), ``seeds``: just these sampling seeds;
+    the others still enter the results from their cached records. ``dry_run``: print the planned runs and return None.
     """
     from layermerge.bench.results import build_results
 
@@ -377,7 +381,7 @@ def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: se
     started = time.perf_counter()
     prepare_experts(ctx)
     score_references(ctx)
-    records = run_all(ctx, runs, rerun, only)
+    records = run_all(ctx, runs, rerun, only, seeds)
     shutil.rmtree(ctx.scratch, ignore_errors=True)
     return build_results(track, records, ctx.expert_scores, ctx.ensemble_scores,
                          {"command": command, "date": ctx.invocation, "machine": machine(),

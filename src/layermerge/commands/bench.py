@@ -23,6 +23,8 @@ def add_parser(subparsers):
                              "ablations (all studies) or one study's name, e.g. shots (default main,ablations)")
     parser.add_argument("--only", help="comma-separated rows (methods or ablation labels) to run; others are "
                                        "reported from their cached records if present")
+    parser.add_argument("--seeds", help="comma-separated sampling seeds to run (default: the track's); runs with "
+                                        "other seeds are reported from their cached records if present")
     parser.add_argument("--rerun", default="", help="comma-separated rows or methods to recompute even if cached")
     parser.add_argument("--workdir", help="run records and references (default <cache>/bench/<track>)")
     parser.add_argument("--cache-dir", help="cache root for bases and experts (default $LAYERMERGE_CACHE or "
@@ -66,7 +68,9 @@ def run(args) -> int:
     if args.report_only:
         only = set()
     rerun = {s.strip() for s in args.rerun.split(",") if s.strip()}
+    seeds = parse_seeds(args.seeds) if args.seeds else None
     results = run_track(track, workdir=workdir, cache_dir=cache_dir, studies=stages, rerun=rerun, only=only,
+                        seeds=seeds,
                         device=args.device, quiet=args.quiet, dry_run=args.dry_run,
                         command="layermerge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else
                         f"layermerge bench {args.track}")
@@ -83,3 +87,12 @@ def run(args) -> int:
     if failed:
         print(f"failed rows: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def parse_seeds(text: str) -> set[int]:
+    from layermerge.errors import ConfigError
+
+    try:
+        return {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers such as 0,1, got {text!r}") from None
