@@ -307,3 +307,82 @@ def test_merged_stream_variant(family_models):
     assert torch.isfinite(merged[key]).all() and not torch.allclose(merged[key], paper[key], atol=1e-5)
     norm = "encoder.layer.1.output.LayerNorm.weight"
     assert torch.equal(merged[norm], paper[norm])
+
+
+# --------------------------------------------------------------------- 1×1 convolutions (EfficientNet)
+def test_linear_layers_finds_pointwise_convolutions_only():
+    block = nn.Module()
+    block.pointwise = nn.Conv2d(4, 6, 1)
+    block.strided = nn.Conv2d(4, 6, 1, stride=2)
+    block.spatial = nn.Conv2d(4, 6, 3)                       # 3×3: not one linear map per pixel
+    block.grouped = nn.Conv2d(4, 4, 1, groups=2)             # block-diagonal: not a plain linear map
+    block.padded = nn.Conv2d(4, 6, 1, padding=1)
+    names = {name for name, _ in block.named_parameters()}
+    layers = linear_layers(block, names)
+    assert [(layer.path, layer.in_features, layer.conv_stride) for layer in layers] == [
+        ("pointwise", 4, (1, 1)), ("strided", 4, (2, 2))]
+    assert linear_layers(block, names, pointwise_convs=False) == []
+    weight = block.strided.weight.detach()
+    layer = layers[1]
+    assert torch.equal(layer.as_in_out(weight), weight[:, :, 0, 0].T)
+    assert torch.equal(layer.from_in_out(layer.as_in_out(weight)), weight)
+    x = torch.randn(2, 4, 5, 5)
+    rows = layer.rows(x)                                     # the pixels the stride-2 conv reads, as rows
+    torch.testing.assert_close(rows @ layer.as_in_out(weight), block.strided(x).movedim(1, -1).reshape(-1, 6)
+                               - block.strided.bias)
+
+
+def independent_pointwise_regmean(experts: dict, data: dict, alpha: float) -> dict[str, np.ndarray]:
+    """Second implementation for CNNs: each expert's own model, hooks on its blocks' 1×1 convolutions,
+    every pixel's channel vector a row, Grams per example, numpy solve (float64)."""
+    from layermerge.data.models import load_vision_model
+
+    lhs, rhs = {}, {}
+    for task, folder in experts.items():
+        model = load_vision_model(folder)[0].eval().double()
+        grams, handles = {}, []
+        for name, module in model.named_modules():
+            if name.startswith("_blocks.") and isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+                def record(module, args, name=name, grams=grams):
+                    x = args[0].permute(0, 2, 3, 1).reshape(-1, args[0].shape[1])
+                    grams[name] = grams.get(name, 0) + (x.T @ x).numpy()
+                handles.append(module.register_forward_pre_hook(record))
+        with torch.no_grad():
+            for batch in data[task]:
+                model(batch["pixel_values"].double())
+        for handle in handles:
+            handle.remove()
+        examples = sum(len(batch["pixel_values"]) for batch in data[task])
+        for name, gram in grams.items():
+            gram = gram / examples
+            gram = alpha * gram + (1 - alpha) * np.diag(np.diag(gram))
+            weight = model.get_submodule(name).weight.detach()[:, :, 0, 0].numpy().T
+            lhs[name] = lhs.get(name, 0) + gram
+            rhs[name] = rhs.get(name, 0) + gram @ weight
+    # Deep layers see 1×1 or 2×2 feature maps: too few rows for a full-rank Gram (our solve then adds a
+    # ridge) or a well-conditioned one; only those with one stable answer are compared.
+    return {f"{name}.weight": np.linalg.solve(lhs[name], rhs[name]).T[:, :, None, None] for name in lhs
+            if np.linalg.cond(lhs[name]) < 1e6}
+
+
+def test_efficientnet_pointwise_convolutions_match_a_second_implementation(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from test_datadriven_output import save_vision_family
+
+    base, experts = save_vision_family(tmp_path, "efficientnet-lite0", 32, pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    data = {task: [{"pixel_values": torch.randn(6, 3, 32, 32, generator=generator)}] for task in experts}
+    merged = layermerge.merge(base, experts, method="regmean", data=data, quiet=True, device="cpu", alpha=0.9)
+    expected = independent_pointwise_regmean(experts, data, 0.9)
+    assert len(expected) >= 8
+    assert {"_blocks.0._project_conv.weight", "_blocks.1._expand_conv.weight"} <= set(expected)
+    readers = [CheckpointReader(folder) for folder in experts.values()]
+    for key, value in expected.items():
+        np.testing.assert_allclose(merged.state_dict[key].double().numpy(), value, rtol=1e-3, atol=1e-4,
+                                   err_msg=key)          # the Grams are summed in float32 here
+        average = torch.stack([r.get(key) for r in readers]).mean(0)
+        assert not torch.allclose(merged.state_dict[key], average, atol=1e-4), key
+    averaged = layermerge.merge(base, experts, method="regmean", data=data, quiet=True, device="cpu",
+                                pointwise_convs=False)
+    for key in expected:
+        torch.testing.assert_close(averaged.state_dict[key], torch.stack([r.get(key) for r in readers]).mean(0))

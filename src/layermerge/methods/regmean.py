@@ -1,6 +1,10 @@
 """RegMean (Jin, Ren, Preotiuc-Pietro, Cheng, ICLR 2023): merge every linear layer as the least-squares
 fit of the experts' outputs on their own inputs.
 
+A 1×1 convolution (one group) is the same linear map applied at every pixel, so it is solved the
+same way with each pixel's channel vector as one row of X (``pointwise_convs``, on by default; the
+paper's models have only nn.Linear). Without it a CNN such as EfficientNet gets weight averaging.
+
 For a linear layer y = x Wᵀ with expert weights W_i and that layer's inputs X_i on task i (rows =
 tokens), the merged W minimises Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖², whose normal equations are
 (Σ_i G_i) Wᵀ = Σ_i G_i W_iᵀ with G_i = X_iᵀ X_i. Off-diagonal entries of each Gram are scaled by α
@@ -96,23 +100,37 @@ def regmean_linear(grams: list[torch.Tensor], weights: list[torch.Tensor], alpha
 # --------------------------------------------------------------------- the block method
 @dataclass
 class _Layer:
-    """One linear layer of a block: its module path, weight name, and whether the stored weight is
-    already (in, out) (transformers' Conv1D, GPT-2) instead of nn.Linear's (out, in)."""
+    """One linear layer of a block: its module path, weight name, whether the stored weight is
+    already (in, out) (transformers' Conv1D, GPT-2) instead of nn.Linear's (out, in), and for a 1×1
+    convolution its stride (its weight is (out, in, 1, 1) and its input (N, in, H, W))."""
 
     path: str
     weight: str
     in_features: int
     transposed: bool
+    conv_stride: tuple[int, int] | None = None
 
     def as_in_out(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.conv_stride is not None:
+            return weight.reshape(weight.shape[0], -1).T
         return weight if self.transposed else weight.T
 
     def from_in_out(self, solution: torch.Tensor) -> torch.Tensor:
+        if self.conv_stride is not None:
+            return solution.T.contiguous().reshape(*solution.T.shape, 1, 1)
         return solution.contiguous() if self.transposed else solution.T.contiguous()
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer input as rows of ``in_features``: tokens (linear) or pixels (1×1 convolution,
+        at the positions its stride reads)."""
+        if self.conv_stride is not None:
+            x = x[..., ::self.conv_stride[0], ::self.conv_stride[1]].movedim(-3, -1)
+        return x.reshape(-1, x.shape[-1])
 
-def linear_layers(module: nn.Module, names: set[str]) -> list[_Layer]:
-    """Every nn.Linear (and transformers Conv1D) of ``module`` whose weight is a merged tensor."""
+
+def linear_layers(module: nn.Module, names: set[str], pointwise_convs: bool = True) -> list[_Layer]:
+    """Every nn.Linear (and transformers Conv1D) of ``module`` whose weight is a merged tensor, and
+    with ``pointwise_convs`` every 1×1 nn.Conv2d with one group and no padding."""
     layers = []
     for path, sub in module.named_modules():
         weight = f"{path}.weight" if path else "weight"
@@ -122,7 +140,21 @@ def linear_layers(module: nn.Module, names: set[str]) -> list[_Layer]:
             layers.append(_Layer(path, weight, sub.in_features, False))
         elif type(sub).__name__ == "Conv1D" and hasattr(sub, "nf") and sub.weight.dim() == 2:
             layers.append(_Layer(path, weight, sub.weight.shape[0], True))
+        elif pointwise_convs and _is_pointwise_conv(sub):
+            layers.append(_Layer(path, weight, sub.in_channels, False, tuple(sub.stride)))
     return layers
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1×1 Conv2d, one group, reading its input unpadded (a static 'same' padding must be a no-op)."""
+    if not isinstance(module, nn.Conv2d) or tuple(module.kernel_size) != (1, 1) or module.groups != 1:
+        return False
+    if module.padding_mode != "zeros" or tuple(module.padding) != (0, 0):
+        return False
+    padding = getattr(module, "static_padding", None)          # efficientnet_lite_pytorch's 'same' padding
+    if padding is None or isinstance(padding, nn.Identity) or type(padding).__name__ == "Identity":
+        return True
+    return isinstance(padding, nn.ZeroPad2d) and not any(padding.padding)
 
 
 @register("regmean", summary="per linear layer the least-squares fit of the experts' outputs on their own "
@@ -144,6 +176,9 @@ class RegMean(DataDrivenMethod):
                                        "same whatever their shots) or keep the plain sum over tokens")
         solve_dtype: Literal["float64", "float32"] = Field(
             "float64", description="precision of the Cholesky solve (Grams are accumulated in float32)")
+        pointwise_convs: bool = Field(
+            True, description="solve 1×1 convolutions too (a linear map at every pixel); False averages them "
+                              "like the other non-linear-layer tensors (the paper's models have none)")
 
 
 
@@ -154,7 +189,7 @@ class RegMean(DataDrivenMethod):
     # ----------------------------------------------------------------- one block
     def merge_block(self, ctx) -> BlockResult:
         names = set(ctx.base)
-        layers = linear_layers(ctx.module, names)
+        layers = linear_layers(ctx.module, names, self.params.pointwise_convs)
         lhs = {layer.weight: None for layer in layers}
         rhs = {layer.weight: None for layer in layers}
         reached = torch.zeros(len(layers), device=ctx.device)
@@ -192,11 +227,11 @@ class RegMean(DataDrivenMethod):
             def record(module, args):
                 x = args[0].detach()
                 mask = mask_now[0]
-                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                if mask is not None and layer.conv_stride is None and tuple(x.shape[:-1]) == tuple(mask.shape):
                     x = x[mask]
                 elif mask is not None:
                     unmasked.add(layer.path)
-                x = x.reshape(-1, x.shape[-1]).float()
+                x = layer.rows(x).float()
                 grams[layer.weight].addmm_(x.T, x)
                 rows[position] += x.shape[0]
             return record
