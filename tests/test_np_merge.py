@@ -150,6 +150,37 @@ def test_np_merge_resets_batchnorm_and_trains():
         _assert_state_unchanged(model, state)
 
 
+def test_running_batchnorm_trains_on_the_statistics_the_output_keeps():
+    """batchnorm='running': BatchNorm stays in eval mode on the models' mean statistics, so the first
+    epoch's loss is the eval-mode loss of the starting model (by hand), and the output keeps those
+    statistics (also through successive pairwise merges, whose running mean weighs the merge so far)."""
+    models = [_bn_net(0), _bn_net(1), _bn_net(2)]
+    states = [copy.deepcopy(m.state_dict()) for m in models]
+    batches = [_labelled(8, 5), _labelled(8, 6)]
+    start = copy.deepcopy(models[0])
+    start.load_state_dict({k: (sum(s[k] for s in states) / 3 if v.is_floating_point() else v)
+                           for k, v in states[0].items()})
+    with torch.no_grad():
+        eval_loss = sum(float(F.cross_entropy(start.eval()(x), y)) for x, y in batches) / 2
+    for batchnorm in ("running", "batch"):
+        _, result = np_merge_models(models, batches, align="none", mode="softmax", lr=1e-12, epochs=1,
+                                    reset_bn=False, batchnorm=batchnorm)
+        first = result.stats["steps"][0]["loss_first_epoch"]
+        if batchnorm == "running":
+            assert first == pytest.approx(eval_loss, rel=1e-5)
+        else:                                                     # batch statistics: another loss
+            assert abs(first - eval_loss) > 1e-3
+    for mode in ("softmax", "pairwise"):
+        merged, _ = np_merge_models(models, batches, align="none", mode=mode, lr=0.05, epochs=2, reset_bn=False,
+                                    batchnorm="running")
+        for key in ("bn1.running_mean", "bn2.running_var"):
+            torch.testing.assert_close(merged.state_dict()[key], sum(s[key] for s in states) / 3, msg=f"{mode} {key}")
+    for model, state in zip(models, states):
+        _assert_state_unchanged(model, state)
+    with pytest.raises(ConfigError, match="batchnorm"):
+        np_merge_models(models, batches, align="none", batchnorm="frozen")
+
+
 def test_errors():
     model = _mlp(0)
     with pytest.raises(ConfigError, match="at least two models"):

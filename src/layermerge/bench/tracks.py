@@ -68,14 +68,15 @@ BUDGET_NOTES = {
     "neulig": "cross-entropy boosting loss with the few-shot labels (the entropy loss needs no labels but "
               "gave lower scores in docs/NEULIG.md)",
     "np_merge": "no neuron alignment (align=none): the experts share one base, so their neurons already "
-                "correspond",
+                "correspond; BatchNorm on the experts' mean running statistics while α is trained and after "
+                "(batchnorm=running, reset_bn=false): per-task batches make batch statistics a task signal",
 }
 BUDGET_PARAMS = {
     "prodistill": {"epochs": 20},
     "distillmerge": {"epochs": 20},
     "adamerging": {"steps": 100},
     "neulig": {"loss": "cross_entropy"},
-    "np_merge": {"align": "none"},
+    "np_merge": {"align": "none", "batchnorm": "running", "reset_bn": False},
 }
 
 PRODISTILL_ABLATIONS = {

@@ -20,6 +20,7 @@ model runs end to end, and a plus Adam's two moments cost three model-sized tens
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.registry import MethodParams, register
 
 ALIGN = ("weight", "activation", "none")
+BATCHNORM = ("batch", "running")
 MODES = ("pairwise", "softmax")
 
 
@@ -116,11 +118,14 @@ def _steps(feeds, generator: torch.Generator) -> list[tuple[int, int]]:
 
 def learn_merge(states: Sequence[Mapping[str, torch.Tensor]], feeds: Sequence[tuple], *, mode: str = "pairwise",
                 lr: float = 0.05, epochs: int = 30, init: float = 0.5, generator: torch.Generator | None = None,
-                progress=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
+                progress=None, statistics: Mapping[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
     """Learn the per-element weights of ``states`` (already aligned) on the labelled ``feeds``.
 
-    Returns the merged state (BN statistics not yet reset), α per key (pairwise: α of the first model;
-    softmax: the weights, stacked over models) and the mean loss of every epoch.
+    ``statistics`` None: BatchNorm normalises with each batch's statistics while α is trained (the
+    paper). Given: BatchNorm keeps these running statistics fixed (eval mode), in training and in the
+    returned state. Returns the merged state (BN statistics not yet reset), α per key (pairwise: α of
+    the first model; softmax: the weights, stacked over models) and the mean loss of every epoch.
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -131,7 +136,8 @@ def learn_merge(states: Sequence[Mapping[str, torch.Tensor]], feeds: Sequence[tu
     generator = generator or torch.Generator().manual_seed(0)
     stats = statistic_keys(feeds)
     keys = [k for k, v in states[0].items() if v.is_floating_point() and k not in stats]
-    fixed = _fixed_part(states, [k for k in states[0] if k not in keys], mode, init)
+    fixed = {**_fixed_part(states, [k for k in states[0] if k not in keys], mode, init), **(statistics or {})}
+    batch_statistics = statistics is None
     start = math.log(init / (1 - init))
     logits = {}
     for key in keys:
@@ -150,7 +156,7 @@ def learn_merge(states: Sequence[Mapping[str, torch.Tensor]], feeds: Sequence[tu
                 runner, batches = feeds[f]
                 batch = batches[b]
                 state = {**running, **merge_weights(detached, logits, mode)}
-                with batchnorm_train_mode(runner.module):
+                with batchnorm_train_mode(runner.module) if batch_statistics else contextlib.nullcontext():
                     loss = task_loss(runner(state, batch), batch_labels(batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -205,13 +211,26 @@ def align_to(spec: PermutationSpec | None, reference: Mapping[str, torch.Tensor]
 def np_merge_states(states: Sequence[Mapping[str, torch.Tensor]], feeds: Sequence[tuple],
                     spec: PermutationSpec | None, *, align: str = "weight", mode: str = "pairwise",
                     lr: float = 0.05, epochs: int = 30, init: float = 0.5, reset_bn: bool = True,
-                    max_match_iter: int = 100, seed: int = 0, progress=None) -> NPMergeResult:
+                    max_match_iter: int = 100, seed: int = 0, progress=None,
+                    batchnorm: str = "batch") -> NPMergeResult:
     """NP Merge of ``states`` (same architecture, same keys) on the labelled ``feeds`` — a list of
-    ``(runner, batches)``; ``spec`` gives the permutation groups (None: no alignment)."""
+    ``(runner, batches)``; ``spec`` gives the permutation groups (None: no alignment).
+
+    ``batchnorm``: "batch" trains α with batch statistics (the paper); "running" keeps BatchNorm on
+    the mean of the (aligned) models' running statistics while training and in the result."""
     if len(states) < 2:
         raise ConfigError(f"NP Merge needs at least two models, got {len(states)}")
     if align not in ALIGN:
         raise ConfigError(f"align must be one of {ALIGN}, got {align!r}")
+    if batchnorm not in BATCHNORM:
+        raise ConfigError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
+    statistic = sorted(k for k in statistic_keys(feeds) if states[0][k].is_floating_point())
+
+    def mean_statistics(models, weights):
+        if batchnorm == "batch":
+            return None
+        return {k: sum(w * m[k].float() for w, m in zip(weights, models)).to(states[0][k].dtype) for k in statistic}
+
     generator = torch.Generator().manual_seed(seed)
     notes: list[str] = list(spec.notes) if spec is not None else []
     stats: dict = {"align": align, "mode": mode, "models": len(states), "steps": []}
@@ -230,7 +249,8 @@ def np_merge_states(states: Sequence[Mapping[str, torch.Tensor]], feeds: Sequenc
                                            seed=seed, notes=notes)
             aligned.append(moved)
         merged, alpha, history = learn_merge(aligned, feeds, mode="softmax", lr=lr, epochs=epochs,
-                                             generator=generator, progress=progress)
+                                             generator=generator, progress=progress,
+                                             statistics=mean_statistics(aligned, [1 / len(aligned)] * len(aligned)))
         merged = finish(merged)
         alphas.append(alpha)
         stats["steps"].append(_step_stats(alpha, history, "softmax"))
@@ -239,8 +259,11 @@ def np_merge_states(states: Sequence[Mapping[str, torch.Tensor]], feeds: Sequenc
         for index in range(1, len(states)):
             moved, perms[index] = align_to(spec, merged, states[index], feeds, align, max_iter=max_match_iter,
                                            seed=seed, notes=notes)
+            # "running": the merge so far stands for `index` models, so the mean weighs it index : 1
             merged, alpha, history = learn_merge([merged, moved], feeds, mode="pairwise", lr=lr, epochs=epochs,
-                                                 init=init, generator=generator, progress=progress)
+                                                 init=init, generator=generator, progress=progress,
+                                                 statistics=mean_statistics([merged, moved],
+                                                                            [index / (index + 1), 1 / (index + 1)]))
             merged = finish(merged)
             alphas.append(alpha)
             stats["steps"].append(_step_stats(alpha, history, "pairwise"))
@@ -260,7 +283,7 @@ def _step_stats(alpha: Mapping[str, torch.Tensor], history: list[float], mode: s
 def np_merge_models(models: Sequence[nn.Module], batches: Sequence, *, spec: PermutationSpec | None = None,
                     align: str = "weight", mode: str = "pairwise", lr: float = 0.05, epochs: int = 30,
                     init: float = 0.5, reset_bn: bool = True, max_match_iter: int = 100,
-                    seed: int = 0) -> tuple[nn.Module, NPMergeResult]:
+                    seed: int = 0, batchnorm: str = "batch") -> tuple[nn.Module, NPMergeResult]:
     """NP Merge of ``models`` (same architecture, any initialisations) on labelled ``batches`` (dicts with
     ``labels`` or ``(inputs, labels)`` pairs). Returns a merged copy of the first model and the result.
     The permutation spec is found from the first model when not given (``layermerge.align.build_spec``)."""
@@ -279,7 +302,7 @@ def np_merge_models(models: Sequence[nn.Module], batches: Sequence, *, spec: Per
     feeds = [(ModuleRunner(template), batches)]
     with eval_mode(template):
         result = np_merge_states(states, feeds, spec, align=align, mode=mode, lr=lr, epochs=epochs, init=init,
-                                 reset_bn=reset_bn, max_match_iter=max_match_iter, seed=seed)
+                                 reset_bn=reset_bn, max_match_iter=max_match_iter, seed=seed, batchnorm=batchnorm)
     merged = copy.deepcopy(template)
     merged.load_state_dict(result.state)
     return merged.eval(), result
@@ -327,6 +350,11 @@ class NPMerge(DataDrivenMethod):
                                                          "(paper: 0.5, a = 0)")
         reset_bn: bool = Field(True, description="recompute BatchNorm running statistics on the few-shot inputs "
                                                  "after merging")
+        batchnorm: Literal["batch", "running"] = Field(
+            "batch", description="BatchNorm while α is trained: batch statistics (paper; then reset_bn) or the "
+                                 "models' mean running statistics, kept in the output (use with reset_bn: false "
+                                 "when the experts are different tasks: per-task batches make batch statistics "
+                                 "a task signal the merged model loses at test time)")
         max_match_iter: int = Field(100, ge=1, description="weight matching: most sweeps over the permutation groups")
         save_alpha: bool = Field(False, description="save the learned α (model-sized per merge step) as "
                                                     "np_merge/artifacts.safetensors, keys '<step>/<tensor>'")
@@ -345,7 +373,7 @@ class NPMerge(DataDrivenMethod):
         states = [ctx.expert_state(task) for task in ctx.tasks]
         result = np_merge_states(states, feeds, spec, align=p.align, mode=p.mode, lr=p.lr, epochs=p.epochs,
                                  init=p.init, reset_bn=p.reset_bn, max_match_iter=p.max_match_iter,
-                                 seed=int(ctx.generator.initial_seed()),
+                                 seed=int(ctx.generator.initial_seed()), batchnorm=p.batchnorm,
                                  progress=lambda it: ctx.progress(it, "np_merge epochs"))
         artifacts = {}
         if p.save_alpha:
