@@ -410,9 +410,11 @@ def _agreement(first: torch.Tensor, second: torch.Tensor) -> float:
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
+    """The evaluation's Pearson correlation; 0 (not NaN) when either side is constant."""
+    from layermerge.eval.metrics import pearson
+
+    value = pearson(a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy())
+    return 0.0 if math.isnan(value) else value
 
 
 def _mean(values) -> float | None:
