@@ -13,6 +13,7 @@ baseline (the machine's speed drifts between invocations; ratios in one invocati
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -47,6 +48,34 @@ class Run:
     study: str = "main"            # "main" or the ablation's name
 
 
+def scratch_name(pid: int) -> str:
+    """``<host>-<pid>``: a workdir shared between machines never mistakes another host's live run for a dead one."""
+    return f"{platform.node() or 'host'}-{pid}"
+
+
+def remove_stale_scratch(workdir: Path) -> list[Path]:
+    """Remove scratch folders that invocations on this host left behind when they were killed (a merged
+    model each, hundreds of MiB); folders of live processes and of other hosts stay."""
+    removed = []
+    prefix = scratch_name(0)[:-1]
+    for folder in sorted((workdir / "scratch").glob(f"{prefix}*")):
+        pid = folder.name[len(prefix):]
+        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # alive, owned by another user
+        return True
+    return True
+
+
 @dataclass
 class BenchContext:
     """What every stage needs: the track, where things go, the experts once trained."""
@@ -68,7 +97,7 @@ class BenchContext:
     def scratch(self) -> Path:
         """This invocation's own folder for configs and merged outputs: two invocations on one workdir
         (a report while a track runs) never remove each other's files."""
-        return self.workdir / "scratch" / f"{os.getpid()}"
+        return self.workdir / "scratch" / scratch_name(os.getpid())
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -227,6 +256,18 @@ def record_path(ctx: BenchContext, run: Run) -> Path:
     return ctx.workdir / "runs" / f"{run.method}-{run_key(ctx, run)}.json"
 
 
+def stderr_chunks(process: subprocess.Popen):
+    """The child's stderr as text, each piece as soon as it is written: a buffered ``read(4096)`` waits
+    for 4 KiB, which held a slow merge's progress bar back for many minutes."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    descriptor = process.stderr.fileno()
+    while chunk := os.read(descriptor, 4096):
+        if text := decoder.decode(chunk):
+            yield text
+    if text := decoder.decode(b"", final=True):
+        yield text
+
+
 def measured_merge(ctx: BenchContext, config: dict, name: str) -> tuple[dict, Path]:
     """``layermerge merge`` in its own process: its exit code, wall seconds and peak RSS (MiB)."""
     scratch = ctx.scratch
@@ -238,9 +279,9 @@ def measured_merge(ctx: BenchContext, config: dict, name: str) -> tuple[dict, Pa
                "--output", str(output), "--overwrite"] + (["--quiet"] if ctx.quiet else [])
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=None if not ctx.quiet else subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE)
     tail = ""
-    for chunk in iter(lambda: process.stderr.read(4096), ""):
+    for chunk in stderr_chunks(process):
         if not ctx.quiet:              # progress bars pass through; the tail is kept for the error line
             sys.stderr.write(chunk)
             sys.stderr.flush()
@@ -378,6 +419,8 @@ def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: se
         return None
     ctx = BenchContext(track, workdir, cache_dir, quiet=quiet, device=device)
     workdir.mkdir(parents=True, exist_ok=True)
+    for folder in remove_stale_scratch(workdir):
+        ctx.say(f"removed {folder} (left by a stopped run)")
     started = time.perf_counter()
     prepare_experts(ctx)
     score_references(ctx)
