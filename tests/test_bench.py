@@ -219,6 +219,10 @@ def test_builtin_tracks_follow_the_protocol(capsys):
     plan = capsys.readouterr().out
     assert "prodistill seed 2: prodistill" in plan and "emr: emr" in plan and "slerp" not in plan
     assert "distillation  DistillMerge (end to end) seed 0: distillmerge" in plan
+    # a departure from a paper's setting is stated in the track's notes (they go into the report)
+    assert glue.method_params["np_merge"]["mode"] == "softmax" and "softmax" in glue.notes["np_merge"]
+    assert vision.method_params["np_merge"].get("mode", "pairwise") == "pairwise"
+    assert "softmax" not in vision.notes["np_merge"]
 
 
 def test_measure_records_the_commands_own_peak(tmp_path):
