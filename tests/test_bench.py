@@ -120,6 +120,12 @@ def test_report_has_every_table_and_plot(tiny_bench):
     for heading in ("#### Every method", "#### ProDistill ablations", "#### Cost of the data-driven methods",
                     "*experts*", "*ensemble*", "shots=2", "- ProDistill: normalised average"):
         assert heading in text
+    # "avg ÷ experts": the row's average over the experts' average (the published GLUE-8 normalisation)
+    results = tiny_bench["results"]
+    row = next(r for r in results["rows"] if r["row"] == "task_arithmetic")
+    line = next(line for line in text.splitlines() if line.startswith("| task_arithmetic |"))
+    divided = 100 * row["average"]["mean"] / results["references"]["experts"]["average"]
+    assert line.split("|")[-3].strip() == f"{divided:.1f}"
     for kind in ("methods", "shots", "cost"):
         png = report / f"tiny-{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(tiny-{kind}.png)" in text
