@@ -109,6 +109,17 @@ def test_lr_zero_equals_task_arithmetic_exactly(family_models):
     assert coefficient.shape == (48, 32) and torch.all(coefficient == 0.3)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "task"])
+def test_coarse_coefficients_at_lr_zero_equal_task_arithmetic(granularity):
+    """The coarse ablations start where element-wise λ start: at Task Arithmetic (0.3), exactly."""
+    base, experts, data = setup_toy()
+    result = prodistill_merge(copy.deepcopy(base), StateDictSource.from_models(base, experts), data,
+                              lr=0.0, epochs=2, granularity=granularity)
+    for key, value in base.state_dict().items():
+        expected = value + 0.3 * sum(expert.state_dict()[key] - value for expert in experts.values())
+        torch.testing.assert_close(result.state_dict[key], expected, rtol=0, atol=1e-6)
+
+
 def test_disjoint_experts_are_recovered():
     base, experts, data = setup_toy()
     result = prodistill_merge(copy.deepcopy(base), StateDictSource.from_models(base, experts), data,
