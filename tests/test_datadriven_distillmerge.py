@@ -91,3 +91,19 @@ def test_distillmerge_through_merge_writes_its_coefficients(family_models, tmp_p
     with pytest.raises(ConfigError, match="no per-block checkpoints"):
         layermerge.merge(base, experts, method="distillmerge", data=data, output=tmp_path / "x", resume=True,
                          quiet=True)
+
+
+@pytest.mark.parametrize("method", ["distillmerge", "prodistill"])
+def test_epochs_show_a_progress_bar_unless_quiet(method, capsys):
+    """DistillMerge trains every block at once for many minutes: without an epochs bar the screen stood
+    still. ProDistill shows it under its blocks bar."""
+    from layermerge.methods.prodistill import ProDistill
+
+    base, experts, data = setup_toy()
+    merger = DistillMerge(DistillMerge.Params(epochs=3)) if method == "distillmerge" else ProDistill(
+        ProDistill.Params(epochs=3), list(experts))
+    for quiet in (False, True):
+        run_engine(copy.deepcopy(base), StateDictSource.from_models(base, experts), data, merger,
+                   scaling=0.3, quiet=quiet)
+        shown = capsys.readouterr().err
+        assert ("epochs:" in shown and "0/3" in shown) is not quiet, shown

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from layermerge.distributed import SINGLE, DataParallel
 from layermerge.engine.cache import ActivationCache
@@ -71,6 +72,13 @@ class Streams:
 
 class StreamAccess:
     """Access to the cached pairs shared by the per-block and the whole-network contexts."""
+
+    quiet = True            # the engine sets its own: whether a method's long loops show progress bars
+
+    def progress(self, iterable, desc: str):
+        """A progress bar over a method's inner loop (epochs), on the writing rank only; it disappears
+        when done, so the engine's blocks bar stays the one line left."""
+        return tqdm(iterable, desc=desc, disable=self.quiet or not self.parallel.is_writer, leave=False)
 
     def __init__(self, tasks: list[str], streams: Streams, device: torch.device, generator: torch.Generator,
                  dtype: torch.dtype | None, parallel: DataParallel):

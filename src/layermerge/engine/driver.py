@@ -443,6 +443,7 @@ class BlockEngine:
             generator = torch.Generator().manual_seed(seed)
             ctx = BlockContext(index, self.plan.blocks[index], module, base, experts, self.streams,
                                self.device, generator, len(self.plan), self.dtype, self.parallel)
+            ctx.quiet = self.quiet
             result = self._normalise(index, self.merger.merge_block(ctx))
             if checkpoint is not None and self.parallel.is_writer:
                 checkpoint.save_block(index, result.params, result.artifacts, result.stats)
@@ -465,6 +466,7 @@ class BlockEngine:
         generator = torch.Generator().manual_seed(seed)
         ctx = NetworkContext(list(self.plan.blocks), modules, bases, experts_per_block, self.tasks, self.streams,
                              self.device, generator, self.dtype, self.parallel)
+        ctx.quiet = self.quiet
         started = time.perf_counter()
         results = list(self.merger.merge_network(ctx))
         if len(results) != len(self.plan):

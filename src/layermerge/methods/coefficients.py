@@ -110,7 +110,7 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
     for leaf in leaves:
         leaf.grad = torch.zeros_like(leaf)
     losses = []
-    for _ in range(epochs):
+    for _ in ctx.progress(range(epochs), desc="epochs"):
         order = torch.randperm(len(refs), generator=ctx.generator).tolist()
         epoch_loss, group, group_size = 0.0, [], 0
         for position, ref_index in enumerate(order):
