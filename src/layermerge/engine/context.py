@@ -75,11 +75,6 @@ class StreamAccess:
 
     quiet = True            # the engine sets its own: whether a method's long loops show progress bars
 
-    def progress(self, iterable, desc: str):
-        """A progress bar over a method's inner loop (epochs), on the writing rank only; it disappears
-        when done, so the engine's blocks bar stays the one line left."""
-        return tqdm(iterable, desc=desc, disable=self.quiet or not self.parallel.is_writer, leave=False)
-
     def __init__(self, tasks: list[str], streams: Streams, device: torch.device, generator: torch.Generator,
                  dtype: torch.dtype | None, parallel: DataParallel):
         self.tasks = list(tasks)
@@ -88,6 +83,11 @@ class StreamAccess:
         self.dtype = dtype                 # block compute dtype; None: the weights' own (fp32)
         self.parallel = parallel
         self._streams = streams
+
+    def progress(self, iterable, desc: str):
+        """A progress bar over a method's inner loop (epochs), on the writing rank only; it disappears
+        when done, so the engine's blocks bar stays the one line left."""
+        return tqdm(iterable, desc=desc, disable=self.quiet or not self.parallel.is_writer, leave=False)
 
     # ----------------------------------------------------------------- which pairs
     def pairs(self, task: str | None = None) -> list[PairRef]:
