@@ -204,6 +204,47 @@ def test_a_failing_merge_is_reported_and_not_cached(tiny_bench, capsys):
     assert "| shots=2 | prodistill" in (tiny_bench["root"] / "failed" / "tiny.md").read_text()
 
 
+def _tree(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+
+
+def test_dry_run_marks_each_run_and_writes_nothing(tiny_bench, capsys):
+    root = tiny_bench["root"]
+    before = _tree(root)
+    capsys.readouterr()
+    assert cli_main([*tiny_bench["args"], "--dry-run", "--only", "ties,prodistill", "--seeds", "1",
+                     "--rerun", "ties"]) == 0
+    plan = capsys.readouterr().out
+    assert "ties: ties {}  [to rerun]" in plan                       # selected and cached, but --rerun
+    assert "prodistill seed 1: prodistill {'epochs': 2}, 4 shots  [cached]" in plan
+    assert "prodistill seed 0: prodistill {'epochs': 2}, 4 shots  [not selected, cached]" in plan
+    assert "task_arithmetic: task_arithmetic {}  [not selected, cached]" in plan
+    assert plan.count("[") == 8 and "8 runs: " in plan and "stale" not in plan and "match no" not in plan
+    assert _tree(root) == before
+    # A fresh cache: experts unknown, every run still to make, and the cache is not created.
+    fresh = root / "fresh-cache"
+    args = [a if a != str(root / "cache") else str(fresh) for a in tiny_bench["args"]]
+    assert cli_main([*args, "--workdir", str(root / "fresh-work"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "experts: not all fine-tuned yet" in plan and "8 runs: 8 to run" in plan
+    assert not fresh.exists() and not (root / "fresh-work").exists()
+    assert cli_main([*args, "--workdir", str(root / "fresh-work"), "--prune"]) == 2
+    assert "--stages experts" in capsys.readouterr().err
+
+
+def test_prune_removes_only_records_no_planned_run_reads(tiny_bench, capsys):
+    runs = tiny_bench["root"] / "work" / "runs"
+    kept = {p.name: p.read_text() for p in runs.glob("*.json")}
+    stale = runs / "ties-0123456789abcdef.json"          # as a run made with other settings would leave
+    stale.write_text(next(iter(kept.values())))
+    capsys.readouterr()
+    assert cli_main([*tiny_bench["args"], "--dry-run"]) == 0
+    assert f"1 record(s) in {runs} match no planned run" in capsys.readouterr().out and stale.is_file()
+    assert cli_main([*tiny_bench["args"], "--prune"]) == 0
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert {p.name: p.read_text() for p in runs.glob("*.json")} == kept
+
+
 def test_track_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="unknown track 'glue9'.*glue8-minilm"):
         load_track("glue9")

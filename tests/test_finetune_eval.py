@@ -18,7 +18,7 @@ from layermerge.errors import ConfigError, OutputError
 from layermerge.eval import evaluate, new_report
 from layermerge.eval.evaluate import TaskResult
 from layermerge.experts import ExpertSet
-from layermerge.finetune import MARKER, finetune, vision_base_folder
+from layermerge.finetune import MARKER, find_cached_expert, finetune, make_settings, vision_base_folder
 from layermerge.io.reader import CheckpointReader
 
 pytestmark = pytest.mark.skipif(layermerge.data.find_data_dir() is None, reason="shared data not present")
@@ -69,6 +69,22 @@ def test_second_call_is_a_cache_hit_and_settings_change_the_key(tiny):
     assert (first.path / "model.safetensors").stat().st_mtime_ns == mtime
     other = finetune(tiny["base"], "sst2", cache_dir=tiny["cache"], quiet=True, **{**TEXT, "seed": 1})
     assert other.key != first.key and other.path != first.path and not other.cached
+
+
+def test_find_cached_expert_looks_up_without_training_or_writing(tiny, tmp_path):
+    first = tiny["experts"]["sst2"]
+    found = find_cached_expert(tiny["base"], "sst2", cache_dir=tiny["cache"], settings=make_settings(**TEXT))
+    assert found is not None and found.cached and (found.path, found.key) == (first.path, first.key)
+    vision = find_cached_expert("vision:small-cnn", "mnist", cache_dir=tiny["cache"], settings=make_settings(**VISION))
+    assert vision is not None and vision.key == tiny["vision"]["mnist"].key
+    # other settings, or another cache: nothing found, and nothing created there
+    assert find_cached_expert(tiny["base"], "sst2", cache_dir=tiny["cache"],
+                              settings=make_settings(**{**TEXT, "lr": 5e-4})) is None
+    empty = tmp_path / "empty"
+    assert find_cached_expert(tiny["base"], "sst2", cache_dir=empty, settings=make_settings(**TEXT)) is None
+    assert not empty.exists()
+    with pytest.raises(ConfigError, match="needs a vision model"):
+        find_cached_expert(tiny["base"], "mnist", cache_dir=tiny["cache"])
 
 
 def test_finetune_is_deterministic(tiny, tmp_path):

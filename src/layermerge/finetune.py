@@ -169,15 +169,7 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
     task = get_task(task)
     settings = make_settings(settings, **overrides)
     base = resolve_base(base)
-    if isinstance(base, VisionFactory) != task.is_image:
-        kind = "a vision model" if task.is_image else "a Hugging Face text model"
-        raise ConfigError(f"task {task.name!r} needs {kind} as base, got {base}")
-    train = load_split(task, "train", data_dir=data_dir)
-    key = cache_key(base, task, settings, train)
-    base_name = base.name if isinstance(base, VisionFactory) else base.name.replace(" ", "_")
-    target = Path(output).expanduser().resolve() if output else \
-        cache_root(cache_dir) / "experts" / f"{task.name}-{base_name}-{key[:12]}"
-
+    target, key, train = _locate(base, task, settings, cache_dir, data_dir, output)
     marker = read_marker(target) if target.is_dir() else None
     if marker is not None and marker.get("key") == key:
         if not quiet:
@@ -229,6 +221,34 @@ def vision_base_folder(name: str, cache_dir: str | Path | None = None, image_siz
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(temp, folder)
     return folder
+
+
+def _locate(base: Path | VisionFactory, task: Task, settings: FinetuneSettings, cache_dir, data_dir,
+            output=None) -> tuple[Path, str, TaskData]:
+    """Where the expert for these inputs lives, its cache key, and the training split the key hashed."""
+    if isinstance(base, VisionFactory) != task.is_image:
+        kind = "a vision model" if task.is_image else "a Hugging Face text model"
+        raise ConfigError(f"task {task.name!r} needs {kind} as base, got {base}")
+    train = load_split(task, "train", data_dir=data_dir)
+    key = cache_key(base, task, settings, train)
+    base_name = base.name if isinstance(base, VisionFactory) else base.name.replace(" ", "_")
+    target = Path(output).expanduser().resolve() if output else \
+        cache_root(cache_dir) / "experts" / f"{task.name}-{base_name}-{key[:12]}"
+    return target, key, train
+
+
+def find_cached_expert(base: str | Path | VisionFactory, task: str | Task, *, cache_dir: str | Path | None = None,
+                       settings: FinetuneSettings | None = None, data_dir: str | Path | None = None,
+                       ) -> FinetuneResult | None:
+    """The expert ``finetune`` would return from its cache for these inputs, or None; trains and writes
+    nothing (a dry run uses it to tell cached runs from runs still to make)."""
+    task = get_task(task)
+    base = resolve_base(base)
+    target, key, _ = _locate(base, task, make_settings(settings), cache_dir, data_dir)
+    marker = read_marker(target) if target.is_dir() else None
+    if marker is None or marker.get("key") != key:
+        return None
+    return FinetuneResult(target, True, key, marker)
 
 
 # --------------------------------------------------------------------------- the two model kinds

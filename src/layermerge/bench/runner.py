@@ -156,6 +156,29 @@ def eval_settings(track: TrackConfig) -> dict:
     return {"split": "test", "max_examples": track.eval_examples, "max_length": track.max_length, "seed": 0}
 
 
+def locate_cached_experts(ctx: BenchContext) -> bool:
+    """Fill in the experts from the cache without training or writing anything (for a dry run);
+    False when some expert is not fine-tuned yet, so run records cannot be told apart."""
+    from layermerge.finetune import find_cached_expert, make_settings
+
+    track = ctx.track
+    source: object = track.base           # "vision:<name>" or a model folder, as prepare_experts uses them
+    if track.base == "minilm":
+        from layermerge.demo import minilm_path, prepared_base_path
+
+        source = prepared_base_path(minilm_path(), ctx.cache_dir)
+        if not (source / "config.json").is_file():
+            return False
+    settings = make_settings(**track.recipe)
+    for task in track.tasks:
+        found = find_cached_expert(source, task, cache_dir=ctx.cache_dir, settings=settings,
+                                   data_dir=track.data_dir)
+        if found is None:
+            return False
+        ctx.experts[task], ctx.expert_keys[task] = found.path, found.key
+    return True
+
+
 # --------------------------------------------------------------------------- stage 2: references
 def score_references(ctx: BenchContext) -> None:
     """Each expert on its own task, and the ensemble of all experts on every task (cached)."""
@@ -343,6 +366,13 @@ def execute(ctx: BenchContext, run: Run) -> dict:
     return record
 
 
+def is_selected(run: Run, only: set[str] | None, seeds: set[int] | None) -> bool:
+    """Whether ``--only`` (rows or methods) and ``--seeds`` let this run be made."""
+    if only is not None and run.row not in only and run.method not in only:
+        return False
+    return seeds is None or run.seed is None or run.seed in seeds
+
+
 def run_all(ctx: BenchContext, runs: list[Run], rerun: set[str] = frozenset(),
             only: set[str] | None = None, seeds: set[int] | None = None) -> list[dict]:
     """Every run, from its cached record where one exists (unless its row or method is in ``rerun``);
@@ -351,9 +381,7 @@ def run_all(ctx: BenchContext, runs: list[Run], rerun: set[str] = frozenset(),
     records = []
     for number, run in enumerate(runs, 1):
         path = record_path(ctx, run)
-        outside_only = only is not None and run.row not in only and run.method not in only
-        outside_seeds = seeds is not None and run.seed is not None and run.seed not in seeds
-        if outside_only or outside_seeds:
+        if not is_selected(run, only, seeds):
             if path.is_file():
                 records.append({**json.loads(path.read_text()), "row": run.row, "study": run.study})
             continue
@@ -392,32 +420,83 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def describe_plan(runs: list[Run]) -> str:
+def run_status(ctx: BenchContext | None, run: Run, rerun: set[str], only: set[str] | None,
+               seeds: set[int] | None) -> str:
+    """What an invocation would do with this run; ``ctx`` None: the experts are not fine-tuned yet."""
+    cached = ctx is not None and record_path(ctx, run).is_file()
+    if not is_selected(run, only, seeds):
+        return "not selected, cached" if cached else "not selected, no record"
+    if not cached:
+        return "to run"
+    return "to rerun" if run.row in rerun or run.method in rerun else "cached"
+
+
+def describe_plan(runs: list[Run], statuses: list[str]) -> str:
     lines = []
-    for run in runs:
+    for run, status in zip(runs, statuses):
         seed = "" if run.seed is None else f" seed {run.seed}"
         shots = "" if run.shots is None else f", {run.shots} shots"
-        lines.append(f"{run.study:>12}  {run.row}{seed}: {run.method} {run.params}{shots}")
+        lines.append(f"{run.study:>12}  {run.row}{seed}: {run.method} {run.params}{shots}  [{status}]")
+    counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
+    lines.append(f"{len(runs)} runs" + (": " + ", ".join(f"{n} {s}" for s, n in counts.items()) if runs else ""))
     return "\n".join(lines)
+
+
+def orphaned_records(ctx: BenchContext) -> list[Path]:
+    """Records under ``<workdir>/runs`` that no run of the track's full plan would read: made with other
+    settings, seeds or an older layermerge (keys include all of them). They are never reported."""
+    track = ctx.track
+    planned = {record_path(ctx, run) for run in plan_runs(track, {"main", "ablations"})}
+    return [path for path in sorted((ctx.workdir / "runs").glob("*.json")) if path not in planned]
+
+
+def print_dry_run(ctx: BenchContext, runs: list[Run], rerun: set[str], only: set[str] | None,
+                  seeds: set[int] | None) -> None:
+    """Print each planned run with what this invocation would do with it, and the stale records."""
+    known = locate_cached_experts(ctx)
+    if not known:
+        print("experts: not all fine-tuned yet (the first stage trains them); every run is still to make")
+    statuses = [run_status(ctx if known else None, run, rerun, only, seeds) for run in runs]
+    print(describe_plan(runs, statuses) if runs else "no runs planned (stages: experts only)")
+    stale = orphaned_records(ctx) if known else []
+    if stale:
+        print(f"{len(stale)} record(s) in {ctx.workdir / 'runs'} match no planned run (other settings or an "
+              "older layermerge) and are never reported; --prune removes them")
+
+
+def prune_records(ctx: BenchContext) -> list[Path]:
+    """Remove the orphaned records; refuses while an expert is missing (every record would look stale)."""
+    if not locate_cached_experts(ctx):
+        raise ConfigError(f"cannot tell stale records of {ctx.track.name} apart before its experts are "
+                          "fine-tuned: run `layermerge bench TRACK --stages experts` first")
+    stale = orphaned_records(ctx)
+    for path in stale:                  # deleting files is reported even when quiet
+        path.unlink()
+        print(f"removed {path}")
+    print(f"{len(stale)} stale record(s) removed")
+    return stale
 
 
 def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: set[str],
               rerun: set[str] = frozenset(), only: set[str] | None = None, seeds: set[int] | None = None,
-              device: str = "cpu",
-              quiet: bool = False, dry_run: bool = False, command: str = "") -> dict | None:
+              device: str = "cpu", quiet: bool = False, dry_run: bool = False, prune: bool = False,
+              command: str = "") -> dict | None:
     """Run the stages and return the results document (see ``layermerge.bench.results``).
 
     ``only``: run just these rows (methods or ablation labels), ``seeds``: just these sampling seeds;
-    the others still enter the results from their cached records. ``dry_run``: print the planned runs and return None.
+    the others still enter the results from their cached records. ``dry_run``: print the planned runs,
+    each with what would happen to it, and return None. ``prune``: remove the stale records, return None.
     """
     from layermerge.bench.results import build_results
 
     runs = plan_runs(track, studies) if studies - {"experts"} else []
-    if dry_run:
-        print(describe_plan(runs) or "no runs planned (stages: experts only)")
-        print(f"{len(runs)} runs")
-        return None
     ctx = BenchContext(track, workdir, cache_dir, quiet=quiet, device=device)
+    if dry_run:
+        print_dry_run(ctx, runs, rerun, only, seeds)
+        return None
+    if prune:
+        prune_records(ctx)
+        return None
     workdir.mkdir(parents=True, exist_ok=True)
     for folder in remove_stale_scratch(workdir):
         ctx.say(f"removed {folder} (left by a stopped run)")

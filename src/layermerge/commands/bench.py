@@ -35,7 +35,12 @@ def add_parser(subparsers):
                         help="also put the tables into DOC.md between <!-- bench:TRACK --> and "
                              "<!-- /bench:TRACK --> (image links made relative to DOC.md)")
     parser.add_argument("--device", default="cpu", help="device of the data-driven merges: cpu, cuda, auto")
-    parser.add_argument("--dry-run", action="store_true", help="list the planned runs, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the planned runs, each marked cached, to run, to rerun or not selected, and "
+                             "count stale records; run nothing")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove run records that no planned run reads (made with other settings or an older "
+                             "layermerge), then stop")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the cached runs only; merge nothing (missing runs are left out)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or step messages")
@@ -71,10 +76,10 @@ def run(args) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds else None
     results = run_track(track, workdir=workdir, cache_dir=cache_dir, studies=stages, rerun=rerun, only=only,
                         seeds=seeds,
-                        device=args.device, quiet=args.quiet, dry_run=args.dry_run,
+                        device=args.device, quiet=args.quiet, dry_run=args.dry_run, prune=args.prune,
                         command="layermerge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else
                         f"layermerge bench {args.track}")
-    if results is None:          # dry run
+    if results is None:          # dry run or prune
         return 0
     report_dir = Path(args.report_dir) if args.report_dir else workdir / "report"
     paths = write_report(results, report_dir, track.name, Path(args.json) if args.json else None)
