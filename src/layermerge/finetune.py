@@ -170,11 +170,11 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
     settings = make_settings(settings, **overrides)
     base = resolve_base(base)
     target, key, train = _locate(base, task, settings, cache_dir, data_dir, output)
-    marker = read_marker(target) if target.is_dir() else None
-    if marker is not None and marker.get("key") == key:
+    cached = _cached_result(target, key)
+    if cached is not None:
         if not quiet:
             print(f"{task.name}: using cached expert {target}")
-        return FinetuneResult(target, True, key, marker)
+        return cached
     if target.exists() and not overwrite and output is not None:
         raise OutputError(f"{target} exists and was not produced by these settings; pass --overwrite to "
                           "replace it or choose another --output")
@@ -245,6 +245,11 @@ def find_cached_expert(base: str | Path | VisionFactory, task: str | Task, *, ca
     task = get_task(task)
     base = resolve_base(base)
     target, key, _ = _locate(base, task, make_settings(settings), cache_dir, data_dir)
+    return _cached_result(target, key)
+
+
+def _cached_result(target: Path, key: str) -> FinetuneResult | None:
+    """The finished expert in ``target`` if its marker carries ``key`` (written last, so it is complete)."""
     marker = read_marker(target) if target.is_dir() else None
     if marker is None or marker.get("key") != key:
         return None
