@@ -134,7 +134,7 @@ def test_no_output_folder(bert, tmp_path, capsys):
 def test_missing_checkpoint_is_a_one_line_error(bert, tmp_path, capsys):
     config = write_config(tmp_path, **valid_config(bert, base=str(tmp_path / "nowhere")))
     err = run_error(capsys, ["merge", config, "-o", str(tmp_path / "out")])
-    assert "checkpoint not found" in err and "nowhere" in err
+    assert f"base model not found: {tmp_path / 'nowhere'}" in err
 
 
 # --------------------------------------------------------------------------- merging from the CLI

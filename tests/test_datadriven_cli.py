@@ -140,6 +140,6 @@ def test_engine_flags_refused_for_data_free_methods(family_models, tmp_path, cap
     path = write_config(tmp_path, "ta.yaml", {"base": str(base), "experts": {k: str(v) for k, v in experts.items()},
                                               "method": "task_arithmetic"})
     assert main(["merge", str(path), "--output", str(tmp_path / "out"), "--resume"]) == 2
-    assert "--resume only apply to data-driven methods" in capsys.readouterr().err
+    assert "--resume only applies to data-driven methods" in capsys.readouterr().err
     assert main(["merge", str(path), "--output", str(tmp_path / "out"), "-q"]) == 0
     assert "data" not in yaml.safe_load((tmp_path / "out" / "layermerge.yaml").read_text())

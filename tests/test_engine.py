@@ -17,10 +17,12 @@ from layermerge.engine import (
     BlockResult,
     ExpertSetSource,
     StateDictSource,
+    call_block,
     capture_block_inputs,
     run_engine,
     task_arithmetic_tensor,
 )
+from layermerge.engine.capture import hidden_of
 from layermerge.errors import DataError, IncompatibleExpertsError, OutputError
 
 TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
@@ -196,14 +198,77 @@ def test_streams_match_real_forward_passes(family):
         assert torch.equal(tensor, expected[key]), key
 
 
-def test_capture_keeps_per_layer_arguments_apart():
-    base, _, data = make_setup("qwen2")
-    inputs = capture_block_inputs(base, layermerge.blocks.find_block_plan(base), data["t0"][0])
-    assert inputs.extra_index == [0, 1, 0]              # the sliding-window layer gets its own mask
-    full, sliding = (extra[1]["attention_mask"] for extra in inputs.extras)
-    assert not torch.equal(full, sliding)
-    assert inputs.extras[0][1]["use_cache"] is False and inputs.extras[0][1]["past_key_values"] is None
-    assert inputs.output_format is None and inputs.hidden.shape == (2, 7, 32)
+def real_block_outputs(model: nn.Module, block_paths: list[str], batch: dict) -> list[torch.Tensor]:
+    """Each block's hidden-state output in an ordinary forward pass of the whole model (forward hooks)."""
+    outputs, handles = [], []
+    for path in block_paths:
+        handles.append(model.get_submodule(path).register_forward_hook(
+            lambda _module, _args, output: outputs.append(hidden_of(output).detach().clone())))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
+def test_captured_arguments_replay_each_block_exactly(family):
+    """Replaying every block on what capture recorded reproduces the full model's hidden states, whatever
+    keyword names the library uses for masks, positions or caches."""
+    base, _, data = make_setup(family)
+    plan = layermerge.blocks.find_block_plan(base)
+    batch = data["t0"][0]
+    inputs = capture_block_inputs(base, plan, batch)
+    expected = real_block_outputs(base, list(plan.blocks), batch)
+    hidden = inputs.hidden
+    with torch.no_grad():
+        for index, path in enumerate(plan.blocks):
+            hidden = call_block(base.get_submodule(path), None, hidden, inputs.extras[inputs.extra_index[index]])
+            torch.testing.assert_close(hidden, expected[index], rtol=0, atol=1e-6, msg=f"block {index}")
+    if family == "qwen2":      # the sliding-window layer gets its own mask, kept apart from the others
+        assert inputs.extra_index == [0, 1, 0]
+
+
+class KeywordBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, *, scale):
+        return torch.tanh(self.linear(x)) * scale
+
+
+class KeywordCaller(nn.Module):
+    """Calls its blocks with the hidden state by keyword, under a name no library uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.layers = nn.ModuleList(KeywordBlock() for _ in range(3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        for depth, layer in enumerate(self.layers):
+            hidden = layer(x=hidden, scale=1.0 + depth)
+        return self.head(hidden)
+
+
+def test_capture_finds_the_hidden_state_by_the_blocks_own_parameter_name():
+    torch.manual_seed(0)
+    model = KeywordCaller().eval()
+    plan = layermerge.blocks.BlockPlan(("embed",), ("layers.0", "layers.1", "layers.2"), ("head",))
+    batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]])}
+    inputs = capture_block_inputs(model, plan, batch)
+    assert [extra[1]["scale"] for extra in inputs.extras] == [1.0, 2.0, 3.0]
+    expected = real_block_outputs(model, list(plan.blocks), batch)
+    hidden = inputs.hidden
+    with torch.no_grad():
+        for index, path in enumerate(plan.blocks):
+            hidden = call_block(model.get_submodule(path), None, hidden, inputs.extras[inputs.extra_index[index]])
+            assert torch.equal(hidden, expected[index])
 
 
 def test_block_task_arithmetic_equals_data_free_merge(family_models):

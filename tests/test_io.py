@@ -149,7 +149,7 @@ def test_garbage_files_give_checkpoint_errors(tmp_path):
 
 
 def test_missing_and_empty_inputs(tmp_path):
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="model not found: .*nowhere"):
         CheckpointReader(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")

@@ -110,7 +110,7 @@ def test_in_memory_save_writes_the_same_side_files(family_models, probe_method, 
     out = merged.save(tmp_path / "saved")
     assert (out / "layermerge.yaml").is_file() and (out / probe_method / "artifacts.safetensors").is_file()
     card = (out / "README.md").read_text()
-    assert str(base) in card and "sha256" in card.lower()
+    assert f"- base: `{base.name}`" in card and str(base) not in card and "sha256" in card.lower()
     with pytest.raises(Exception, match="input"):
         merged.save(base, overwrite=True)          # never into an input folder
 

@@ -26,3 +26,45 @@ def build_tiny_text_base(folder: Path) -> Path:
     model.save_pretrained(folder)
     BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
     return folder
+
+
+SENTENCES = ["a good film", "a bad film", "what a great cast", "dull and slow", "fine acting", "poor script",
+             "lovely music", "boring plot"]
+
+
+def write_tiny_glue(data_dir: Path, task: str, rows: int = 16) -> None:
+    """``glue/<task>/{train,test}.jsonl`` of short labelled sentences (sst2: one field; others: a pair)."""
+    import json
+
+    folder = data_dir / "glue" / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        lines = []
+        for i in range(rows):
+            text = SENTENCES[i % len(SENTENCES)]
+            row = {"sentence": text} if task == "sst2" else {"sentence1": text, "sentence2": SENTENCES[-1 - i % 8]}
+            lines.append(json.dumps({**row, "label": i % 2, "idx": i}))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def build_text_setup(root: Path) -> tuple[Path, dict[str, Path], Path]:
+    """A tiny BERT base with its tokenizer, experts 'sst2' and 'rte' fine-tuned from it (seeded noise),
+    and a local GLUE folder for both: everything a data-driven merge needs, without the shared data."""
+    from conftest import perturb_
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    base = build_tiny_text_base(root / "base")
+    base_state = load_file(str(base / "model.safetensors"))
+    experts = {}
+    for index, task in enumerate(["sst2", "rte"]):
+        torch.manual_seed(10 + index)
+        model = BertForSequenceClassification(make_config("bert", num_labels=2))
+        model.bert.load_state_dict(base_state)
+        perturb_(model, seed=index, scale=0.05)
+        model.save_pretrained(root / task)
+        experts[task] = root / task
+    data_dir = root / "data"
+    for task in experts:
+        write_tiny_glue(data_dir, task)
+    return base, experts, data_dir

@@ -9,9 +9,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from layermerge.datadriven import EngineConfig
-from layermerge.errors import ConfigError
+from layermerge.errors import ConfigError, LayermergeError
 from layermerge.fewshot import DataConfig
+from layermerge.io.paths import missing_path_message
+from layermerge.io.writer import parse_size
 from layermerge.methods.registry import available_methods, get_method, validate_params
+from layermerge.names import expert_name_problem
 
 
 class MergeConfig(BaseModel):
@@ -26,18 +29,37 @@ class MergeConfig(BaseModel):
     output: str | None = Field(None, description="output folder (the CLI's --output wins)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="output dtype; default: the base's")
-    max_shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 2GB or 500MB")
+    max_shard_size: str | int = Field("5GB", description="largest safetensors shard, e.g. 2GB or 500MB, or bytes")
     vocab_policy: Literal["error", "base_rows"] = Field(
         "error", description="what to do when experts added tokens: stop, or merge only the base's rows")
     head_keys: list[str] = Field(default_factory=list, description="extra key substrings to keep per task")
     data: DataConfig | None = Field(None, description="few-shot data of data-driven methods (prodistill...)")
     engine: EngineConfig | None = Field(None, description="block engine options of data-driven methods")
+    card_paths: Literal["name", "full"] = Field(
+        "name", description="model card: each input's folder/file name, or its full local path")
 
     @field_validator("experts")
     @classmethod
     def _non_empty(cls, value: dict[str, str]) -> dict[str, str]:
         if not value:
             raise ValueError("at least one expert is needed")
+        for name in value:  # expert names become output folders (heads/<name>/)
+            problem = expert_name_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _valid_size(cls, value: str | int) -> str | int:
+        """YAML gives ``2GB`` as a string and ``1000000`` as an int: both are sizes (checked here, not
+        when the first shard is written)."""
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"must be a size such as 2GB or 500MB, or a number of bytes, got {value!r}")
+        try:
+            parse_size(value)
+        except LayermergeError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("method")
@@ -111,15 +133,19 @@ def parse_config(data: dict, source: str = "config", relative_to: Path | None = 
     return config.resolve_paths(relative_to) if relative_to is not None else config
 
 
-def load_config(path: str | Path) -> MergeConfig:
+def load_config(path: str | Path, resolve: bool = True) -> MergeConfig:
+    """The validated config; with ``resolve`` its paths are made absolute (relative to the file)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(missing_path_message("config file", path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded): save the config as "
+                          "UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
-    return parse_config(data, source=str(path), relative_to=path.parent.resolve())
+    return parse_config(data, source=str(path), relative_to=path.parent.resolve() if resolve else None)

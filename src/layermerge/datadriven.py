@@ -34,7 +34,15 @@ from layermerge.errors import ConfigError, LayermergeError
 from layermerge.experts import ExpertSet, detect_prefix
 from layermerge.fewshot import DataConfig, adapt_batches, build_few_shot, describe
 from layermerge.io.writer import CheckpointWriter, check_output_location, parse_size
-from layermerge.merging import MergedModel, _readers, _write_side_files, open_expert_set, resolve_dtype
+from layermerge.merging import (
+    MergedModel,
+    _write_side_files,
+    check_card_paths,
+    given_paths,
+    hash_inputs,
+    open_expert_set,
+    resolve_dtype,
+)
 from layermerge.methods.registry import get_method, validate_params
 
 
@@ -160,9 +168,11 @@ def build_template(expert_set: ExpertSet, template: nn.Module | None = None) -> 
 
     try:
         hf_config = AutoConfig.for_model(**config)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot build a model from {reference.folder}/config.json ({exc}); pass "
-                          "template=<an nn.Module of the architecture>") from None
+    except Exception as exc:       # any mistake in a user's config.json: no model_type, a field of the wrong type...
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot build a model from {reference.folder}/config.json ({cause}); fix that file "
+                          "(e.g. re-save it with save_pretrained) or pass template=<an nn.Module of the "
+                          "architecture>") from None
     with parameters_on_meta(), quiet_transformers():
         model = AutoModel.from_config(hf_config, dtype=torch.float32)
     return model.eval()
@@ -304,7 +314,7 @@ def merge_with_data(base, experts, method: str, *, data=None, output: str | Path
                     overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                     vocab_policy: str = "error", head_keys: list[str] | None = None, quiet: bool = False,
                     config_record: dict | None = None, template: nn.Module | None = None,
-                    **options) -> MergedModel:
+                    card_paths: str = "name", **options) -> MergedModel:
     """Merge with a data-driven (``kind="block"``) method; see ``layermerge.merge``.
 
     ``data``: a DataConfig / ``data:`` mapping, or ``{task: [batch, ...]}`` of model inputs.
@@ -312,6 +322,7 @@ def merge_with_data(base, experts, method: str, *, data=None, output: str | Path
     device, compute_dtype, seed, checkpoint_dir, resume, block_plan, plot_coefficients, ...).
     """
     info = get_method(method)
+    check_card_paths(card_paths)
     engine = _engine_config({k: options.pop(k) for k in ENGINE_OPTIONS if k in options})
     validated = validate_params(info, options)
     expert_set = open_expert_set(info, base, experts, vocab_policy, head_keys)
@@ -333,23 +344,24 @@ def merge_with_data(base, experts, method: str, *, data=None, output: str | Path
         source = ExpertSetSource(expert_set, checkpoint_key_map(model, expert_set.report.merge_keys))
         batches = _few_shot(data, expert_set, model)
         checkpoint_dir = _checkpoint_dir(engine, output, network)
+        _check_engine_folders(engine, checkpoint_dir, expert_set.input_paths())
         options = {"block_plan": engine.block_plan, "scaling": scaling,
                    "cache_budget": cache_budget_bytes(engine.cache_budget),
                    "spill_dir": engine.spill_dir, "device": engine.device, "compute_dtype": engine.compute_dtype,
                    "seed": engine.seed, "checkpoint_dir": checkpoint_dir, "resume": engine.resume and not network,
                    "quiet": quiet or not parallel.is_writer, "parallel": parallel}
-        record = _record(config_record, expert_set, method, validated.model_dump(), dtype, max_shard_size, data,
-                         batches, engine)
+        record = _record(config_record, given_paths(base, experts, expert_set), expert_set, method,
+                         validated.model_dump(), dtype, max_shard_size, data, batches, engine)
         if output is None:
             return _merge_in_memory(model, source, batches, algorithm, expert_set, out_dtype, scaling, options,
-                                    record)
+                                    record, card_paths)
         check_output_location(Path(output), expert_set.input_paths(), overwrite)
         if not parallel.is_writer:
             run_engine(model, source, batches, algorithm, sink=DiscardingSink(), **options)
             return MergedModel(None, {}, {}, expert_set.reference.config, method, record["params"],
                                path=Path(output).resolve())
         merged = _merge_to_folder(model, source, batches, algorithm, expert_set, out_dtype, scaling, options,
-                                  record, output, overwrite, max_shard_size, engine.plot_coefficients)
+                                  record, output, overwrite, max_shard_size, engine.plot_coefficients, card_paths)
         if checkpoint_dir is not None and not engine.keep_checkpoint:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return merged
@@ -379,7 +391,22 @@ def _checkpoint_dir(engine: EngineConfig, output, network: bool) -> Path | None:
     return None
 
 
-def _record(config_record, expert_set, method, params, dtype, max_shard_size, data, batches, engine) -> dict:
+def _check_engine_folders(engine: EngineConfig, checkpoint_dir: Path | None, inputs: list[Path]) -> None:
+    """Before any work: the checkpoint folder (removed after success) must not overlap an input, and the
+    spill folder must be a folder."""
+    if checkpoint_dir is not None:
+        folder = checkpoint_dir.expanduser().resolve()
+        for source in inputs:       # a bare weights file only matters when the folder would hold it
+            if source.is_relative_to(folder) or (source.is_dir() and folder.is_relative_to(source)):
+                raise ConfigError(f"checkpoint folder {folder} overlaps the input {source}: inputs are never "
+                                  "written to (and the checkpoint folder is removed after success); choose a "
+                                  "checkpoint_dir (--checkpoint-dir) outside every input")
+    if engine.spill_dir is not None and Path(engine.spill_dir).exists() and not Path(engine.spill_dir).is_dir():
+        raise ConfigError(f"engine.spill_dir {engine.spill_dir} is a file, not a folder; name a folder for the "
+                          "spilled activations (it is created when missing)")
+
+
+def _record(config_record, paths, expert_set, method, params, dtype, max_shard_size, data, batches, engine) -> dict:
     """What layermerge.yaml records: enough to run the merge again."""
     if config_record:
         return {**config_record, "params": params}
@@ -389,8 +416,7 @@ def _record(config_record, expert_set, method, params, dtype, max_shard_size, da
         data_record = DataConfig(**data).model_dump(exclude_none=True)
     else:
         data_record = {"in_memory_batches": describe(batches)}
-    return {"base": str(expert_set.base.path) if expert_set.base is not None else None,
-            "experts": {e.name: str(e.reader.path) for e in expert_set.experts}, "method": method,
+    return {"base": paths[0], "experts": paths[1], "method": method,
             "params": params, "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
             "max_shard_size": max_shard_size, "vocab_policy": expert_set.vocab_policy,
             "head_keys": list(expert_set.extra_head_patterns), "data": data_record,
@@ -416,7 +442,7 @@ def _summary(result, batches, leftovers: list[str]) -> dict:
 
 
 def _merge_in_memory(model, source, batches, algorithm, expert_set, out_dtype, scaling, options,
-                     record) -> DataDrivenMergedModel:
+                     record, card_paths: str) -> DataDrivenMergedModel:
     memory = _MemoryWriter()
     sink = OutputSink(memory, source, expert_set, out_dtype, algorithm.name, expert_set.names)
     result = run_engine(model, source, batches, algorithm, sink=sink, **options)
@@ -424,15 +450,16 @@ def _merge_in_memory(model, source, batches, algorithm, expert_set, out_dtype, s
     state = {key: memory.tensors[key] for key in expert_set.report.merge_keys}
     heads = {task: expert_set.head_state(task) for task in expert_set.names}
     head_meta = {e.name: {"prefix": e.prefix, "config": e.reader.config} for e in expert_set.experts}
+    inputs, roles = hash_inputs(expert_set)
     return DataDrivenMergedModel(state, heads, head_meta, expert_set.reference.config, algorithm.name,
                                  record["params"], summary=_summary(result, batches, leftovers),
                                  base_folder=expert_set.reference.folder, coefficients=memory.side,
-                                 inputs={str(r.path): r.file_hashes() for r in _readers(expert_set)}, record=record,
+                                 inputs=inputs, input_roles=roles, card_paths=card_paths, record=record,
                                  blocks=_blocks_record(algorithm.name, scaling, expert_set.names, sink, result.summary))
 
 
 def _merge_to_folder(model, source, batches, algorithm, expert_set, out_dtype, scaling, options, record, output,
-                     overwrite, max_shard_size, plot: bool) -> MergedModel:
+                     overwrite, max_shard_size, plot: bool, card_paths: str) -> MergedModel:
     method = algorithm.name
     with CheckpointWriter(output, inputs=expert_set.input_paths(), overwrite=overwrite,
                           max_shard_size=max_shard_size) as writer:
@@ -447,9 +474,9 @@ def _merge_to_folder(model, source, batches, algorithm, expert_set, out_dtype, s
         head_meta = {e.name: {"prefix": e.prefix, "config": e.reader.config} for e in expert_set.experts}
         summary = _summary(result, batches, leftovers)
         # After the merge, like data-free merges: the readers hash files along with the reads they served.
-        inputs = {str(reader.path): reader.file_hashes() for reader in _readers(expert_set)}
+        inputs, roles = hash_inputs(expert_set)
         _write_side_files(writer, heads, head_meta, {}, expert_set.reference.config, expert_set.reference.folder,
-                          method, record["params"], summary, inputs)
+                          method, record["params"], summary, inputs, roles, card_paths)
         writer.write_text("layermerge.yaml", yaml.safe_dump(record, sort_keys=False))
     return MergedModel(None, heads, head_meta, expert_set.reference.config, method, record["params"],
                        summary=summary, path=Path(output).resolve(), base_folder=expert_set.reference.folder)

@@ -34,7 +34,8 @@ from layermerge.data.tasks import get_task
 from layermerge.errors import CheckpointError, LayermergeError
 from layermerge.eval.evaluate import TaskResult, evaluate_task
 from layermerge.eval.report import Report, new_report
-from layermerge.finetune import FinetuneSettings, cache_root, file_fingerprint, finetune
+from layermerge.finetune import FinetuneSettings, cache_root, file_fingerprint, find_cached_expert, finetune
+from layermerge.io.atomic import discard_temp, make_temp_sibling, replace_folder
 
 # Chosen by measurement (README): with 2,000 examples, one epoch and lr 1e-4 MiniLM's experts clear
 # chance by a wide margin on these (SST-2 83, QQP 80, QNLI 69 on 250 test examples), while MNLI
@@ -117,16 +118,14 @@ def prepare_base(source: Path, root: Path) -> Path:
     target = prepared_base_path(source, root)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    temp = make_temp_sibling(target)
     try:
         with quiet_transformers():
             AutoModel.from_pretrained(source).save_pretrained(temp)
         load_tokenizer(source).save_pretrained(temp)
-        shutil.rmtree(target, ignore_errors=True)
-        temp.rename(target)
+        replace_folder(temp, target)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        discard_temp(temp)
         raise
     return target
 
@@ -237,10 +236,15 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
 
     expert_paths, expert_keys = {}, {}
     for number, task in enumerate(tasks, 1):
-        _say(config, f"[{number}/{len(tasks)}] expert for {task}: fine-tuning on {config.train_examples} "
-                     "examples (cached after the first run)")
-        result = finetune(base, task, cache_dir=root, settings=config.finetune_settings(),
-                          data_dir=config.data_dir, quiet=config.quiet)
+        result = find_cached_expert(base, task, cache_dir=root, settings=config.finetune_settings(),
+                                    data_dir=config.data_dir)
+        if result is not None:
+            _say(config, f"[{number}/{len(tasks)}] expert for {task}: using cached expert {result.path}")
+        else:
+            _say(config, f"[{number}/{len(tasks)}] expert for {task}: fine-tuning on {config.train_examples} "
+                         "examples (cached after the first run)")
+            result = finetune(base, task, cache_dir=root, settings=config.finetune_settings(),
+                              data_dir=config.data_dir, quiet=config.quiet)
         expert_paths[task], expert_keys[task] = result.path, result.key
     trained = time.perf_counter()
 

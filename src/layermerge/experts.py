@@ -12,14 +12,16 @@ between experts, are per-task heads: kept per task, never merged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from layermerge.errors import CheckpointError, IncompatibleExpertsError
+from layermerge.errors import CheckpointError, IncompatibleExpertsError, RedundantInputWarning
 from layermerge.io.reader import CheckpointReader, open_checkpoint
+from layermerge.names import check_expert_name
 
 VOCAB_POLICIES = ("error", "base_rows")
 MAX_LISTED = 5
@@ -132,22 +134,30 @@ class ExpertSet:
 
     def __init__(self, base: str | Path | CheckpointReader | None, experts: dict[str, str | Path | CheckpointReader],
                  vocab_policy: str = "error", head_keys: list[str] | None = None):
+        if not isinstance(experts, Mapping):
+            raise IncompatibleExpertsError(f"experts must be a mapping of expert name to folder or file, e.g. "
+                                           f"{{'sst2': 'models/bert-sst2'}}, not a {type(experts).__name__}")
         if not experts:
             raise IncompatibleExpertsError("no experts given: pass at least one expert checkpoint")
         if vocab_policy not in VOCAB_POLICIES:
             raise IncompatibleExpertsError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {vocab_policy!r}")
-        self.base = open_checkpoint(base) if base is not None else None
+        for name in experts:  # names become folders in the output (heads/<name>/): refuse ../ and the like
+            check_expert_name(name)
+        self.base = open_checkpoint(base, "base model") if base is not None else None
         self.vocab_policy = vocab_policy
         self.extra_head_patterns = list(head_keys or [])
         self.head_prefixes: list[str] = []
-        reference_keys = set((self.base or open_checkpoint(next(iter(experts.values())))).keys())
+        first_name, first_source = next(iter(experts.items()))
+        reference_keys = set((self.base or open_checkpoint(first_source, f"expert '{first_name}'")).keys())
         self.experts: list[Expert] = []
         for name, source in experts.items():
-            reader = open_checkpoint(source)
+            reader = open_checkpoint(source, f"expert '{name}'")
             self.experts.append(Expert(name, reader, detect_prefix(reference_keys, reader.keys())))
         if self.base is not None:
             self.head_prefixes = _vision_head_prefixes([self.base] + [e.reader for e in self.experts])
         self.report = self.check()
+        self._redundant_warned: set[tuple[str | None, str]] = set()
+        self._warn_same_paths()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -162,6 +172,10 @@ class ExpertSet:
     @property
     def reference_prefix(self) -> str:
         return "" if self.base is not None else self.experts[0].prefix
+
+    def input_readers(self) -> list[tuple[str | None, CheckpointReader]]:
+        """(expert name, reader) of every input, the base first with the name None."""
+        return ([(None, self.base)] if self.base is not None else []) + [(e.name, e.reader) for e in self.experts]
 
     def input_paths(self) -> list[Path]:
         readers = ([self.base] if self.base is not None else []) + [e.reader for e in self.experts]
@@ -350,6 +364,7 @@ class ExpertSet:
     def iter_merge_tensors(self, dtype: torch.dtype = torch.float32,
                            check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
         """(key, base, [experts]) for every merged key, one key at a time, cast to ``dtype``."""
+        equal = [pair for pair in self._input_pairs() if pair not in self._redundant_warned]
         for key in self.report.merge_keys:
             # Each original is dropped as soon as its cast copy exists, so an input is held once while
             # the consumer works; deleting after the yield frees this key before the next is read.
@@ -359,8 +374,13 @@ class ExpertSet:
                 experts[index] = experts[index].to(dtype)
             if check_finite:  # after the cast, which is also where an overflow to Inf would appear
                 self._check_finite(key, base, experts)
+            if equal:         # before the yield: a method may modify the tensors in place
+                equal = self._still_equal(equal, base, experts)
             yield key, base, experts
             del base, experts
+        for first, second in equal if self.report.merge_keys else []:
+            why = "every merged tensor equals the base's" if first is None else "every merged tensor is equal"
+            self._warn_redundant(first, second, why)
 
     def _check_finite(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
         named = ([("base", self.base, base)] if self.base is not None else []) + [
@@ -373,6 +393,51 @@ class ExpertSet:
                     f"'{name}' ({reader.path}) has {count} NaN/Inf values in {key!r}. A diverged fine-tune "
                     "cannot be merged; re-train that expert or drop it from the set."
                 )
+
+    # ----------------------------------------------------------------- redundant inputs
+    # An expert identical to the base (a zero task vector) or to another expert is legal but almost
+    # always a mistake, so it is a warning, found as cheaply as possible: the same path (no I/O) at
+    # once; equal tensors while a data-free merge streams them (a comparison that stops at the first
+    # tensor that differs, so it costs one compare per pair in the usual case); equal sha256 of the
+    # weight files after any merge, from the hashes the model card needs anyway (no extra I/O).
+    def _input_pairs(self) -> list[tuple[str | None, str]]:
+        """Every pair of inputs that should differ; None stands for the base."""
+        names = self.names
+        pairs: list[tuple[str | None, str]] = [(None, name) for name in names] if self.base is not None else []
+        return pairs + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+    def _warn_redundant(self, first: str | None, second: str, why: str) -> None:
+        warned = self._redundant_warned
+        if (first, second) in warned or ((None, first) in warned and (None, second) in warned):
+            return              # already said, or implied: both are identical to the base
+        warned.add((first, second))
+        if first is None:
+            message = (f"expert '{second}' is identical to the base model ({why}): its task vector is zero, so "
+                       "it adds nothing to the merged backbone; check its path (or whether it was trained with "
+                       "a frozen backbone)")
+        else:
+            message = (f"experts '{first}' and '{second}' are identical ({why}): the same model counts twice in "
+                       "the merge; drop one or fix its path")
+        warnings.warn(message, RedundantInputWarning, stacklevel=2)
+
+    def _warn_same_paths(self) -> None:
+        readers = dict(self.input_readers())
+        for first, second in self._input_pairs():
+            if readers[first].path == readers[second].path:
+                self._warn_redundant(first, second, f"the same path {readers[second].path}")
+
+    def _still_equal(self, pairs: list, base: torch.Tensor, experts: list[torch.Tensor]) -> list:
+        tensors: dict[str | None, torch.Tensor] = dict(zip(self.names, experts))
+        tensors[None] = base
+        return [(a, b) for a, b in pairs if torch.equal(tensors[a], tensors[b])]
+
+    def warn_identical_files(self, hashes: dict[str | None, dict[str, str]]) -> None:
+        """Warn about inputs whose weight files have the same sha256; ``hashes``: name (None: the
+        base) -> that reader's ``file_hashes()``."""
+        digests = {name: sorted(values.values()) for name, values in hashes.items()}
+        for first, second in self._input_pairs():
+            if first in digests and second in digests and digests[first] == digests[second]:
+                self._warn_redundant(first, second, "their weight files have the same sha256")
 
     def head_state(self, task: str) -> dict[str, torch.Tensor]:
         expert = next(e for e in self.experts if e.name == task)

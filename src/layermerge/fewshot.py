@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from layermerge.data.models import check_length, position_limit, tokenizer_misfit
 from layermerge.errors import ConfigError, DataError
 
 LABEL_KEYS = ("labels", "label")
@@ -47,12 +48,14 @@ class DataConfig(BaseModel):
     shots: int = Field(16, ge=1, description="examples per task (K), drawn stratified from the train split")
     seed: int = Field(0, description="sampling seed")
     split: Literal["train", "validation"] = Field("train", description="split to draw from (never test)")
-    max_length: int = Field(128, ge=1, description="tokens per text example")
+    max_length: int = Field(128, ge=1, description="tokens per text example (at most the model's position "
+                                                 "limit; the default is lowered to it for shorter models)")
     batch_size: int = Field(16, ge=1, description="examples per cached batch (the methods' steps group "
                                                   "whole batches)")
     data_dir: str | None = Field(None, description="folder holding glue/ and vision/ (default: "
                                                    "$LAYERMERGE_DATA or ../shared/data)")
-    tokenizer: str | None = Field(None, description="tokenizer folder (default: the base model's folder)")
+    tokenizer: str | None = Field(None, description="tokenizer folder (default: the base model's folder, whose "
+                                                    "tokenizer must match the model's embedding)")
 
     def resolve_paths(self, relative_to: Path) -> DataConfig:
         def fix(path: str | None) -> str | None:
@@ -66,13 +69,14 @@ class DataConfig(BaseModel):
 
 def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[dict]]:
     """``{expert name: [collated batch, ...]}`` as the ``data:`` section describes."""
-    from layermerge.data import TextCollator, get_task, load_split, load_tokenizer, sample_few_shot
+    from layermerge.data import TextCollator, get_task, load_split, sample_few_shot
 
     if not isinstance(config, DataConfig):
         config = DataConfig(**config)
     unknown = sorted(set(config.tasks) - set(expert_set.names))
     if unknown:
         raise ConfigError(f"data.tasks names {unknown}, which are not experts; experts are {expert_set.names}")
+    limit = check_max_length(config, expert_set.reference)
     tokenizer = None
     batches: dict[str, list[dict]] = {}
     for name in expert_set.names:
@@ -90,13 +94,60 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
             rows = load_split(task, split, data_dir=config.data_dir).take(shots, seed)
         if task.is_text:
             if tokenizer is None:
-                tokenizer = load_tokenizer(config.tokenizer or expert_set.reference.folder)
-            collate = TextCollator(tokenizer, task, spec.max_length or config.max_length)
+                tokenizer = few_shot_tokenizer(config, expert_set.reference)
+            collate = TextCollator(tokenizer, task, spec.max_length or _default_length(config, limit))
         else:
             collate = _image_collator(expert_set.expert(name).reader, name)
         batches[name] = [collate([rows[i] for i in range(start, min(start + config.batch_size, len(rows)))])
                          for start in range(0, len(rows), config.batch_size)]
     return batches
+
+
+def check_max_length(config: DataConfig, reference) -> int | None:
+    """Refuse a ``max_length`` beyond the base's position limit before any work (transformers would fail
+    deep inside the first forward pass); return the limit (None: none declared)."""
+    found = position_limit(reference.config)
+    if found is None:
+        return None
+    explicit = {"data.max_length": config.max_length} if "max_length" in config.model_fields_set else {}
+    explicit.update({f"data.tasks.{name}.max_length": spec.max_length for name, spec in config.tasks.items()
+                     if spec.max_length is not None})
+    for option, value in explicit.items():
+        check_length(value, reference.config, option, config_file(reference))
+    return found[0]
+
+
+def _default_length(config: DataConfig, limit: int | None) -> int:
+    """``data.max_length``; its default is lowered to the model's limit (tiny or short-context models)."""
+    if limit is None or "max_length" in config.model_fields_set:
+        return config.max_length
+    return min(config.max_length, limit)
+
+
+def few_shot_tokenizer(config: DataConfig, reference):
+    """The tokenizer for text few-shot data: ``data.tokenizer``, else the base folder's, checked to fit
+    the model's embedding (see ``layermerge.data.models.tokenizer_misfit``); a named one may be smaller."""
+    from layermerge.data import load_tokenizer
+
+    named = config.tokenizer is not None
+    if not named and reference.folder is None:
+        raise ConfigError(f"the base {reference.path} is a single weights file, so no tokenizer lies beside it "
+                          "for the text few-shot data; set data.tokenizer: PATH (a folder with the base's "
+                          "tokenizer files)")
+    folder = config.tokenizer if named else reference.folder
+    tokenizer = load_tokenizer(folder, hint="name another folder in data.tokenizer" if named else
+                               "set data.tokenizer: PATH")
+    problem = tokenizer_misfit(tokenizer, reference.config, folder, config_file(reference), named)
+    if problem:
+        fix = "name the base's tokenizer in data.tokenizer" if named else \
+            "save the base's tokenizer there (tokenizer.save_pretrained) or set data.tokenizer: PATH"
+        raise ConfigError(f"{problem}. {fix[0].upper()}{fix[1:]}")
+    return tokenizer
+
+
+def config_file(reference) -> Path:
+    """The config.json a reader's settings come from (beside a bare weights file, or in its folder)."""
+    return (reference.folder or reference.path.parent) / "config.json"
 
 
 def _image_collator(reader, name: str):
@@ -112,10 +163,10 @@ def _image_collator(reader, name: str):
 
 def describe(data: Mapping[str, Sequence[Mapping]]) -> dict:
     """Examples and batches per task, for the output's records."""
-    from layermerge.engine.driver import _input_batch_size
+    from layermerge.engine.driver import input_batch_size
 
     return {task: {"batches": len(batches),
-                   "examples": sum(_input_batch_size(batch, task, i) for i, batch in enumerate(batches))}
+                   "examples": sum(input_batch_size(batch, task, i) for i, batch in enumerate(batches))}
             for task, batches in data.items()}
 
 
@@ -125,6 +176,8 @@ def adapt_batches(model: torch.nn.Module, data: Mapping) -> dict[str, list[dict]
         raise DataError(f"data must map each expert's name to a list of input batches (dicts of tensors), "
                         f"got {type(data).__name__}")
     parameters = _forward_parameters(model)
+    config = getattr(model, "config", None)
+    found = position_limit(config.to_dict() if callable(getattr(config, "to_dict", None)) else None)
     adapted = {}
     for task, batches in data.items():
         if isinstance(batches, Mapping):
@@ -134,7 +187,18 @@ def adapt_batches(model: torch.nn.Module, data: Mapping) -> dict[str, list[dict]
                             f"{type(batches).__name__}")
         adapted[task] = [_adapt(dict(batch) if isinstance(batch, Mapping) else batch, parameters, task, i)
                          for i, batch in enumerate(batches)]
+        if found is not None:
+            _check_lengths(adapted[task], task, *found)
     return adapted
+
+
+def _check_lengths(batches: list[dict], task: str, limit: int, key: str) -> None:
+    """Hand-built token batches longer than the model's positions would fail inside its first layer."""
+    for position, batch in enumerate(batches):
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[-1] > limit:
+            raise DataError(f"data['{task}'][{position}] has input_ids of length {ids.shape[-1]}, but the model "
+                            f"takes at most {limit} tokens ({key} in its config); truncate the batches to {limit}")
 
 
 def _forward_parameters(model: torch.nn.Module) -> list[str]:

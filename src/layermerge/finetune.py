@@ -17,8 +17,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
-from tqdm.auto import tqdm
 
 from layermerge import __version__
 from layermerge.data.collate import TextCollator, length_grouped_batches, row_lengths
@@ -43,6 +40,8 @@ from layermerge.data.models import (
 from layermerge.data.sources import TaskData, load_split
 from layermerge.data.tasks import Task, get_task
 from layermerge.errors import CheckpointError, ConfigError, OutputError
+from layermerge.io.atomic import discard_temp, make_temp_sibling, replace_folder
+from layermerge.progress import progress as progress_report
 
 MARKER = "layermerge_finetune.json"
 VISION_PREFIX = "vision:"
@@ -68,7 +67,7 @@ class FinetuneSettings(BaseModel):
 
 def make_settings(settings: FinetuneSettings | None = None, **overrides) -> FinetuneSettings:
     """Settings from an object and/or keyword overrides, with one readable error for bad values."""
-    values = (settings or FinetuneSettings()).model_dump()
+    values = (settings or FinetuneSettings()).model_dump(exclude_unset=True)    # defaults stay defaults
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return FinetuneSettings(**values)
@@ -169,6 +168,7 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
     task = get_task(task)
     settings = make_settings(settings, **overrides)
     base = resolve_base(base)
+    settings = fit_settings(base, settings)
     target, key, train = _locate(base, task, settings, cache_dir, data_dir, output)
     cached = _cached_result(target, key)
     if cached is not None:
@@ -180,10 +180,15 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
                           "replace it or choose another --output")
     if isinstance(base, Path) and target.is_relative_to(base):
         raise OutputError(f"output {target} is inside the base folder {base}; inputs are never modified")
+    if isinstance(base, Path):       # a text base: its positions and tokenizer, checked before any work
+        from layermerge.data.models import check_text_model, load_tokenizer
+
+        check_text_model(base, load_tokenizer(base), settings.max_length, "max_length (--max-length)",
+                         "Save the base's tokenizer into that folder (tokenizer.save_pretrained)")
 
     data = train.take(settings.max_train_examples, settings.seed)
     started = time.perf_counter()
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=_mkdir(target.parent)))
+    temp = make_temp_sibling(target)
     try:
         if isinstance(base, VisionFactory):
             stats = _finetune_vision(base, task, data, settings, temp, quiet)
@@ -195,20 +200,13 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
                   "seconds": round(time.perf_counter() - started, 1),
                   "layermerge": __version__, **stats}
         (temp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temp, target)
+        replace_folder(temp, target)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        discard_temp(temp)
         raise
     if not quiet:
         print(f"{task.name}: fine-tuned on {len(data)} examples in {record['seconds']:.0f} s -> {target}")
     return FinetuneResult(target, False, key, record)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def vision_base_folder(name: str, cache_dir: str | Path | None = None, image_size: int | None = None) -> Path:
@@ -216,10 +214,13 @@ def vision_base_folder(name: str, cache_dir: str | Path | None = None, image_siz
     factory = get_vision_factory(name)
     folder = cache_root(cache_dir) / "bases" / f"{factory.name}-{image_size or factory.image_size}"
     if not (folder / "model.safetensors").is_file():
-        temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=_mkdir(folder.parent)))
-        save_vision_base(factory.name, temp, image_size)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(temp, folder)
+        temp = make_temp_sibling(folder)
+        try:
+            save_vision_base(factory.name, temp, image_size)
+            replace_folder(temp, folder)
+        except BaseException:
+            discard_temp(temp)
+            raise
     return folder
 
 
@@ -244,8 +245,17 @@ def find_cached_expert(base: str | Path | VisionFactory, task: str | Task, *, ca
     nothing (a dry run uses it to tell cached runs from runs still to make)."""
     task = get_task(task)
     base = resolve_base(base)
-    target, key, _ = _locate(base, task, make_settings(settings), cache_dir, data_dir)
+    target, key, _ = _locate(base, task, fit_settings(base, make_settings(settings)), cache_dir, data_dir)
     return _cached_result(target, key)
+
+
+def fit_settings(base: Path | VisionFactory, settings: FinetuneSettings) -> FinetuneSettings:
+    """The default max_length lowered to a short text model's positions (a chosen one is checked instead)."""
+    if isinstance(base, VisionFactory) or "max_length" in settings.model_fields_set:
+        return settings
+    from layermerge.data.models import fitted_length, folder_config
+
+    return settings.model_copy(update={"max_length": fitted_length(settings.max_length, folder_config(base))})
 
 
 def _cached_result(target: Path, key: str) -> FinetuneResult | None:
@@ -330,7 +340,7 @@ def train_model(model: nn.Module, task: Task, data: TaskData, collator, settings
     torch.manual_seed(settings.seed)     # dropout masks
     model.train()
     losses = []
-    progress = tqdm(total=total, disable=quiet, desc=f"fine-tuning {task.name}", unit="step")
+    progress = progress_report(total=total, disable=quiet, desc=f"fine-tuning {task.name}", unit="step")
     for epoch in range(settings.epochs):
         order = length_grouped_batches(lengths, settings.batch_size, shuffle=True, seed=settings.seed + epoch)
         for indices in order:

@@ -9,6 +9,7 @@ import torch
 
 from layermerge.errors import CheckpointError
 from layermerge.io.reader import CheckpointReader
+from layermerge.names import check_expert_name
 
 HEAD_META = "layermerge_head.json"
 
@@ -49,6 +50,7 @@ def load_task_model(folder: str | Path, task: str, dtype: torch.dtype = torch.fl
     import transformers
     from transformers import AutoConfig
 
+    check_expert_name(task)  # a task name is a folder under heads/: never '../elsewhere'
     folder = Path(folder)
     head_dir = folder / "heads" / task
     if not (head_dir / HEAD_META).is_file():

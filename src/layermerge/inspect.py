@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from layermerge.errors import IncompatibleExpertsError
+from layermerge.errors import IncompatibleExpertsError, OutputWriteError, os_error_message
 from layermerge.experts import ExpertSet
+from layermerge.progress import progress
 
 CHUNK = 1 << 22  # entries per chunk: bounds the T×chunk float64 temporaries to ~32 MiB per task
 MAX_LISTED = 5
@@ -123,8 +123,8 @@ def task_vector_stats(expert_set: ExpertSet, check_finite: bool = True, quiet: b
     numel = 0
     nonfinite: list[NonFinite] = []
     keys = expert_set.report.merge_keys
-    for key, base, experts in tqdm(expert_set.iter_merge_tensors(check_finite=False), total=len(keys),
-                                   disable=quiet, desc="inspect", unit="tensor"):
+    for key, base, experts in progress(expert_set.iter_merge_tensors(check_finite=False), total=len(keys),
+                                       disable=quiet, desc="inspect", unit="tensor"):
         if check_finite:
             for name, tensor in zip(["base", *names], [base, *experts]):
                 bad = _nonfinite_count(tensor)
@@ -211,6 +211,9 @@ def save_heatmap(stats: TaskVectorStats, path: str | Path) -> Path:
                           fontsize=9, color="white" if dark else "black")
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png")
+    except OSError as exc:  # no permission, a file where a folder should be, disk full...
+        raise OutputWriteError(os_error_message(exc, "write the heatmap", path)) from exc
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+from pathlib import PurePath
 
 
 def library_versions() -> dict[str, str]:
@@ -19,8 +20,34 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def model_card_text(method: str, params: dict, inputs: dict[str, dict[str, str]], summary: dict) -> str:
-    """Markdown: method, parameters, inputs with sha256 of their weight files, versions, date."""
+CARD_PATHS = ("name", "full")
+
+
+def input_lines(inputs: dict[str, dict[str, str]], roles: dict[str, str] | None = None,
+                card_paths: str = "name") -> list[str]:
+    """One line per input (its role, and its folder or file name) and one per weight file with its sha256.
+
+    Only the last component of each path is shown: a model card is published with the model, and
+    the folders of the machine that merged it are nobody's business (``card_paths="full"`` keeps them).
+    """
+    if card_paths not in CARD_PATHS:
+        raise ValueError(f"card_paths must be one of {CARD_PATHS}, got {card_paths!r}")
+    lines = []
+    for source, hashes in inputs.items():
+        root = PurePath(source)
+        shown = str(root) if card_paths == "full" else root.name
+        role = (roles or {}).get(source)
+        lines.append(f"- {role}: `{shown}`" if role else f"- `{shown}`")
+        for file_name, digest in hashes.items():
+            path = PurePath(file_name)
+            relative = path.relative_to(root) if path.is_relative_to(root) and path != root else path.name
+            lines.append(f"  - `{relative}` sha256 `{digest}`")
+    return lines
+
+
+def model_card_text(method: str, params: dict, inputs: dict[str, dict[str, str]], summary: dict,
+                    roles: dict[str, str] | None = None, card_paths: str = "name") -> str:
+    """Markdown: method, parameters, inputs (role, name and sha256 of their weight files), versions, date."""
     lines = [
         "---", "library_name: transformers", "tags:", "- merge", "- layermerge", f"- {method}", "---", "",
         f"# Merged model ({method})", "",
@@ -31,10 +58,7 @@ def model_card_text(method: str, params: dict, inputs: dict[str, dict[str, str]]
     ]
     if not inputs:
         lines.append("(not recorded: the model was merged in memory)")
-    for source, hashes in inputs.items():
-        lines.append(f"- `{source}`")
-        for file_name, digest in hashes.items():
-            lines.append(f"  - `{file_name}` sha256 `{digest}`")
+    lines += input_lines(inputs, roles, card_paths)
     lines += ["", "## Summary", "", "```json", json.dumps(summary, indent=2, default=str), "```", "",
               "## Library versions", ""]
     lines += [f"- {name} {version}" for name, version in library_versions().items()]

@@ -25,14 +25,22 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
 from layermerge.errors import CheckpointError, ConfigError, DataError
 from layermerge.experts import ExpertSet
 from layermerge.io.writer import CheckpointWriter, check_output_location
-from layermerge.merging import MergedModel, _readers, _write_side_files, open_expert_set, resolve_dtype
+from layermerge.merging import (
+    MergedModel,
+    _write_side_files,
+    check_card_paths,
+    given_paths,
+    hash_inputs,
+    open_expert_set,
+    resolve_dtype,
+)
 from layermerge.methods.registry import get_method, validate_params
 from layermerge.norm_stats import experts_mean_statistics
+from layermerge.progress import progress
 
 TASK_EXTRAS_REPLACE = "replace"      # layermerge_summary.json "task_extras" value: per-task tensors replace
 
@@ -214,7 +222,7 @@ class ModelContext:
         return self._call(task, backbone, batch, capture_head_input=True)
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None):
-        return tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False)
+        return progress(iterable, desc=desc, total=total, disable=self.quiet, leave=False)
 
 
 def final_linear(model: nn.Module) -> nn.Linear:
@@ -282,7 +290,7 @@ def few_shot_with_labels(data, expert_set: ExpertSet) -> dict[str, list[dict]]:
 def merge_with_models(base, experts, method: str, *, data=None, output: str | Path | None = None,
                       overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
                       vocab_policy: str = "error", head_keys: list[str] | None = None, quiet: bool = False,
-                      config_record: dict | None = None, **options) -> MergedModel:
+                      config_record: dict | None = None, card_paths: str = "name", **options) -> MergedModel:
     """Merge with a ``kind="model"`` method; see ``layermerge.merge``. ``options``: the method's
     parameters plus the engine options that apply here (device, seed)."""
     from layermerge.datadriven import ENGINE_OPTIONS, _engine_config
@@ -290,6 +298,7 @@ def merge_with_models(base, experts, method: str, *, data=None, output: str | Pa
     from layermerge.fewshot import DataConfig, describe
 
     info = get_method(method)
+    check_card_paths(card_paths)
     engine = _engine_config({k: options.pop(k) for k in ENGINE_OPTIONS if k in options})
     validated = validate_params(info, options)
     expert_set = open_expert_set(info, base, experts, vocab_policy, head_keys)
@@ -326,25 +335,26 @@ def merge_with_models(base, experts, method: str, *, data=None, output: str | Pa
     data_record = data.model_dump(exclude_none=True) if isinstance(data, DataConfig) else (
         DataConfig(**data).model_dump(exclude_none=True) if isinstance(data, Mapping)
         and set(data) <= set(DataConfig.model_fields) else {"in_memory_batches": describe(batches)})
+    given_base, given_experts = given_paths(base, experts, expert_set)
     record = {**config_record, "params": params} if config_record else {
-        "base": str(expert_set.base.path) if expert_set.base is not None else None,
-        "experts": {e.name: str(e.reader.path) for e in expert_set.experts}, "method": method,
+        "base": given_base, "experts": given_experts, "method": method,
         "params": params, "dtype": dtype, "max_shard_size": max_shard_size, "vocab_policy": expert_set.vocab_policy,
         "head_keys": list(expert_set.extra_head_patterns), "data": data_record,
         "engine": {"device": engine.device, "seed": engine.seed}}
     if output is None:
-        inputs = {str(reader.path): reader.file_hashes() for reader in _readers(expert_set)}
+        inputs, roles = hash_inputs(expert_set)
         return MergedModel(state, heads, head_meta, reference.config, method, params, task_extras, summary,
-                           base_folder=reference.folder, inputs=inputs, record=record, artifacts=artifacts)
+                           base_folder=reference.folder, inputs=inputs, record=record, artifacts=artifacts,
+                           input_roles=roles, card_paths=card_paths)
     with CheckpointWriter(output, inputs=expert_set.input_paths(), overwrite=overwrite,
                           max_shard_size=max_shard_size) as writer:
         for key, tensor in state.items():
             writer.add_tensor(key, tensor)
         if artifacts:
             writer.write_state_dict(method, artifacts, prefix="artifacts")
-        inputs = {str(reader.path): reader.file_hashes() for reader in _readers(expert_set)}
+        inputs, roles = hash_inputs(expert_set)
         _write_side_files(writer, heads, head_meta, task_extras, reference.config, reference.folder, method, params,
-                          summary, inputs)
+                          summary, inputs, roles, card_paths)
         writer.write_text("layermerge.yaml", yaml.safe_dump(record, sort_keys=False))
     return MergedModel(None, heads, head_meta, reference.config, method, params, summary=summary,
                        path=Path(output).resolve(), base_folder=reference.folder)

@@ -29,7 +29,8 @@ def add_parser(subparsers):
     parser.add_argument("--max-examples", type=int,
                         help="score a seeded subset of this many examples per task")
     parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per text example (default 128)")
+    parser.add_argument("--max-length", type=int,
+                        help="tokens per text example (default 128, or the model's position limit when smaller)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved in MODEL_DIR)")
     parser.add_argument("--data-dir", help="local data folder (default: $LAYERMERGE_DATA or ../shared/data)")
     parser.add_argument("--output", "-o", help="write report.md and report.json into this folder")

@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from layermerge.errors import ConfigError
+from layermerge.errors import ConfigError, OutputError, OutputWriteError, os_error_message
+from layermerge.io.atomic import check_writable_location
 
 
 def add_parser(subparsers):
@@ -65,6 +66,14 @@ def parse_expert_args(specs: list[str], names: str | None) -> dict[str, str]:
     return result
 
 
+def check_output_file(flag: str, path: Path) -> None:
+    """Before the statistics are computed: refuse a target that cannot be written (a folder, no permission...)."""
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'report'}"
+                          f"{'.png' if flag == '--heatmap' else '.json'}")
+    check_writable_location(path.expanduser().absolute())
+
+
 def _default_name(path: str) -> str:
     candidate = Path(path.rstrip("/"))
     return candidate.stem if candidate.suffix in (".safetensors", ".pt", ".pth", ".bin") else candidate.name
@@ -75,6 +84,9 @@ def run(args) -> int:
     from layermerge.inspect import nonfinite_error, save_heatmap, task_vector_stats
 
     experts = parse_expert_args(args.experts, args.names)
+    for flag, target in (("--heatmap", args.heatmap), ("--json", args.json)):
+        if target:
+            check_output_file(flag, Path(target))
     expert_set = ExpertSet(args.base, experts, vocab_policy=args.vocab_policy, head_keys=args.head_keys)
     print(f"base: {expert_set.base.path} (model_type: {expert_set.base.model_type or 'unknown'})")
     for expert in expert_set.experts:
@@ -94,8 +106,11 @@ def run(args) -> int:
                        "vocab_keys": report.vocab_keys, "notes": report.notes},
             "statistics": stats.to_dict(),
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as exc:
+            raise OutputWriteError(os_error_message(exc, "write the --json file", args.json)) from exc
     if stats.nonfinite:
         raise nonfinite_error(stats)
     for line in stats.table_lines():

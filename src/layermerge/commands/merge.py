@@ -8,6 +8,7 @@ they run data-parallel over the few-shot examples (rank 0 writes the output).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from layermerge.config import load_config
 from layermerge.errors import ConfigError
@@ -51,7 +52,8 @@ def _engine_overrides(args) -> dict:
 def run(args) -> int:
     from layermerge.merging import merge
 
-    config = load_config(args.config)
+    given = load_config(args.config, resolve=False)      # layermerge.yaml records paths as written
+    config = given.resolve_paths(Path(args.config).parent.resolve())
     output = args.output or config.output
     if output is None:
         raise ConfigError(f"{args.config}: no output folder; pass --output DIR or set 'output' in the config")
@@ -61,15 +63,19 @@ def run(args) -> int:
         engine = {**(config.engine.model_dump(exclude_unset=True) if config.engine is not None else {}), **overrides}
         extra = {"data": config.data, **engine}
     elif overrides:
-        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)} only apply to data-driven "
-                          f"methods; {config.method!r} is data-free")
-    record = config.model_dump(exclude=RECORD_EXCLUDED[config.data is not None])
-    if config.data is not None:
-        record["data"] = config.data.model_dump(exclude_none=True)
-        record["engine"] = config.engine.model_dump(exclude_none=True, exclude={"resume"}) if config.engine else {}
+        flags = [f"--{k.replace('_', '-')}" for k in overrides]
+        verb = "applies" if len(flags) == 1 else "apply"
+        named = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+        raise ConfigError(f"{named} only {verb} to data-driven methods; {config.method!r} is data-free: remove "
+                          + ("it" if len(flags) == 1 else "them"))
+    record = given.model_dump(exclude=RECORD_EXCLUDED[given.data is not None])
+    if given.data is not None:
+        record["data"] = given.data.model_dump(exclude_none=True)
+        record["engine"] = given.engine.model_dump(exclude_none=True, exclude={"resume"}) if given.engine else {}
     merged = merge(config.base, config.experts, config.method, output=output, overwrite=args.overwrite,
                    max_shard_size=config.max_shard_size, dtype=config.dtype, vocab_policy=config.vocab_policy,
-                   head_keys=config.head_keys, quiet=args.quiet, config_record=record, **extra, **config.params)
+                   head_keys=config.head_keys, quiet=args.quiet, config_record=record, card_paths=config.card_paths,
+                   **extra, **config.params)
     if not args.quiet and os.environ.get("RANK", "0") == "0":        # under torchrun only rank 0 reports
         print(f"merged {len(config.experts)} experts with {config.method} -> {merged.path}")
     return 0

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from layermerge.data.tasks import Task
-from layermerge.errors import CheckpointError, DataError
+from layermerge.errors import CheckpointError, ConfigError, DataError
 
 VISION_KEY = "layermerge_vision"
 HEAD_META = "layermerge_head.json"
@@ -307,16 +307,112 @@ def check_outputs(model: nn.Module, task: Task, where: Path) -> None:
                               f"{task.model_num_labels}: is it the expert of another task?")
 
 
-def load_tokenizer(folder: str | Path):
-    """The tokenizer saved beside a model (merged folders carry the base's)."""
+# Config keys that bound a model's input length, in the order they are looked up.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "n_ctx")
+# Families whose position ids start after the padding index (RoBERTa's scheme).
+PADDING_OFFSET_MODELS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod",
+                         "roberta-prelayernorm", "longformer", "mpnet")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def position_limit(model_config: dict | None) -> tuple[int, str] | None:
+    """The longest input a model's position table allows, and the config key it comes from.
+
+    None when the config declares no limit or the positions are rotary (computed for any length).
+    RoBERTa-like models number positions from ``pad_token_id + 1``, so they have that many fewer.
+    """
+    config = dict(model_config or {})
+    if isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], "model_type": config.get("model_type")}
+    if any("rope" in key or "rotary" in key for key in config) or config.get("position_embedding_type") == "rotary":
+        return None
+    for key in POSITION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if config.get("model_type") in PADDING_OFFSET_MODELS and isinstance(config.get("pad_token_id"), int):
+                value -= config["pad_token_id"] + 1
+            return value, key
+    return None
+
+
+def fitted_length(max_length: int, model_config: dict | None) -> int:
+    """A *default* ``max_length`` lowered to the model's position limit (short or tiny models); values
+    the user chose are checked with ``check_length`` instead."""
+    found = position_limit(model_config)
+    return max_length if found is None else min(max_length, found[0])
+
+
+def folder_config(folder: str | Path) -> dict | None:
+    """A model folder's config.json, or None when it has none (or an unreadable one: loading reports it)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_length(max_length: int, model_config: dict | None, option: str, where) -> None:
+    """ConfigError when ``max_length`` exceeds the model's position limit: transformers would fail deep
+    inside the first forward pass instead. ``option``: how the user sets it; ``where``: the config file."""
+    found = position_limit(model_config)
+    if found is not None and max_length > found[0]:
+        limit, key = found
+        raise ConfigError(f"{option} is {max_length}, but the model takes at most {limit} tokens ({key} in "
+                          f"{where}); set {option} to {limit} or less")
+
+
+def tokenizer_misfit(tokenizer, model_config: dict | None, folder, where, named: bool) -> str | None:
+    """What is wrong with ``tokenizer`` for a model with this config, or None when it fits.
+
+    Without tokenizer files transformers 5 builds a stand-in of a few special tokens and every word
+    becomes [UNK], so training or a merge learns from noise and still succeeds. A tokenizer fits when
+    its size lies between half the embedding's rows and the rows: larger ids would index past the
+    embedding, and models pad their embedding (to a multiple of 64, say), never by half. A tokenizer
+    the user ``named`` explicitly skips the lower bound.
+    """
+    config = model_config or {}
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(rows, int) or isinstance(rows, bool):
+        return None
+    size = len(tokenizer)
+    embedding = f"the model's embedding has {rows} rows (vocab_size in {where})"
+    if size > rows:
+        return f"the tokenizer in {folder} has {size} tokens but {embedding}: it is not this model's tokenizer"
+    if size < rows / 2 and not named:
+        files = [name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+        what = f"has a tokenizer of {size} tokens" if files else (
+            f"holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}...), so transformers built a stand-in "
+            f"of {size} tokens")
+        return f"the folder {folder} {what}, but {embedding}: text would be mostly unknown tokens"
+    return None
+
+
+def check_text_model(folder: Path, tokenizer, max_length: int, option: str, fix: str, named: bool = False) -> None:
+    """Before fine-tuning or evaluating a text model folder: ``max_length`` within its positions and a
+    tokenizer that fits its embedding (see ``tokenizer_misfit``); ``fix``: how to name another tokenizer."""
+    config_path = Path(folder) / "config.json"
+    config = folder_config(folder)
+    if config is None:
+        return
+    check_length(max_length, config, option, config_path)
+    problem = tokenizer_misfit(tokenizer, config, folder, config_path, named)
+    if problem:
+        raise ConfigError(f"{problem}. {fix}")
+
+
+def load_tokenizer(folder: str | Path, hint: str = "pass --tokenizer DIR"):
+    """The tokenizer saved beside a model (merged folders carry the base's). ``hint``: how the caller's
+    user names another one."""
     from transformers import AutoTokenizer
 
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"no usable tokenizer in {folder} ({str(exc).splitlines()[0]}); save the "
-                              "tokenizer with the model or pass --tokenizer DIR") from None
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"no usable tokenizer in {folder} ({cause}); save the tokenizer with the model "
+                              f"or {hint}") from None
 
 
 def image_collator_for(spec: VisionSpec):

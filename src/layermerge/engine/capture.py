@@ -20,8 +20,6 @@ from torch import nn
 from layermerge.blocks import BlockPlan, BlockPlanError
 from layermerge.engine.tree import trees_equal
 
-HIDDEN_KWARG = "hidden_states"
-
 
 class _StopForward(Exception):
     """Raised by the last block's recorder: nothing after the blocks needs to run."""
@@ -57,18 +55,36 @@ def hidden_of(output: Any) -> torch.Tensor:
         "state (a block_plan override).")
 
 
-def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    """``(hidden, other_args, other_kwargs)`` from a block call."""
+def hidden_parameter(forward) -> str | None:
+    """The name of a block's first input (its hidden states), read from the forward's signature.
+
+    Models call blocks with the hidden states positionally or by keyword, under whatever name the block
+    declares (``hidden_states``, ``x``, ``hidden``...); the signature says which, so the engine depends
+    on no library's keyword names.
+    """
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for parameter in parameters:
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            return parameter.name
+        break
+    return None
+
+
+def split_hidden(args: tuple, kwargs: dict, hidden_name: str | None = None) -> tuple[torch.Tensor, tuple, dict]:
+    """``(hidden, other_args, other_kwargs)`` from a block call; ``hidden_name`` is the first parameter's name."""
     if args:
         hidden, rest = args[0], tuple(args[1:])
         other = dict(kwargs)
-    elif HIDDEN_KWARG in kwargs:
+    elif hidden_name is not None and hidden_name in kwargs:
         other = dict(kwargs)
-        hidden, rest = other.pop(HIDDEN_KWARG), ()
+        hidden, rest = other.pop(hidden_name), ()
     else:
-        raise BlockPlanError(f"a block was called without positional arguments or '{HIDDEN_KWARG}=' "
-                             f"(kwargs: {sorted(kwargs)}); the engine cannot tell which input is the hidden "
-                             "state")
+        raise BlockPlanError(f"a block was called without positional arguments or its first parameter "
+                             f"'{hidden_name}=' (kwargs: {sorted(kwargs)}); the engine cannot tell which input "
+                             "is the hidden state")
     if not isinstance(hidden, torch.Tensor):
         raise BlockPlanError(f"a block's first input is a {type(hidden).__name__}, not a tensor of hidden "
                              "states")
@@ -112,9 +128,10 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
 
     def recorder(index: int, block: nn.Module):
         real_forward = block.forward
+        hidden_name = hidden_parameter(real_forward)
 
         def record(*args, **kwargs):
-            hidden, rest, other = split_hidden(args, kwargs)
+            hidden, rest, other = split_hidden(args, kwargs, hidden_name)
             calls.append((index, hidden, rest, other))
             if not output_format:
                 # Learn the output format once from a real call (its values are not used).

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from layermerge.distributed import SINGLE, DataParallel
 from layermerge.engine.cache import ActivationCache
 from layermerge.engine.capture import call_block
 from layermerge.engine.tree import fill_tensors, map_tensors, split_tensors
+from layermerge.progress import progress
 
 
 @dataclass
@@ -87,7 +87,7 @@ class StreamAccess:
     def progress(self, iterable, desc: str):
         """A progress bar over a method's inner loop (epochs), on the writing rank only; it disappears
         when done, so the engine's blocks bar stays the one line left."""
-        return tqdm(iterable, desc=desc, disable=self.quiet or not self.parallel.is_writer, leave=False)
+        return progress(iterable, desc=desc, disable=self.quiet or not self.parallel.is_writer, leave=False)
 
     # ----------------------------------------------------------------- which pairs
     def pairs(self, task: str | None = None) -> list[PairRef]:

@@ -27,7 +27,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from layermerge.blocks import BlockPlan
 from layermerge.distributed import SINGLE, DataParallel, resolve_device
@@ -39,6 +38,7 @@ from layermerge.engine.sources import WeightSource, as_source, expert_tensor
 from layermerge.engine.tree import map_tensors
 from layermerge.errors import ConfigError, DataError, IncompatibleExpertsError, OutputError
 from layermerge.norm_stats import is_running_statistic, mean_of_experts
+from layermerge.progress import progress as progress_report
 
 DEFAULT_CACHE_BUDGET = 2 * 1024**3
 COMPUTE_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -157,7 +157,7 @@ def data_fingerprint(data: Mapping[str, Sequence[Mapping]]) -> str:
     return digest.hexdigest()
 
 
-def _input_batch_size(batch: Mapping, task: str, position: int) -> int:
+def input_batch_size(batch: Mapping, task: str, position: int) -> int:
     """Examples in a model-input batch: the first dimension of its first tensor with one."""
     for value in batch.values():
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
@@ -259,7 +259,7 @@ class BlockEngine:
         for task in self.tasks:
             self.streams.refs[task] = []
             for batch_index, batch in enumerate(self.data[task]):
-                size = _input_batch_size(batch, task, batch_index)
+                size = input_batch_size(batch, task, batch_index)
                 self.streams.refs[task].append(PairRef(task, batch_index, size))
                 if self.parallel.owns(position):
                     self.streams.local.add((task, batch_index))
@@ -402,15 +402,17 @@ class BlockEngine:
             if self.network:
                 block_stats = self._run_network(sink, block_seconds)
             else:
-                progress = tqdm(range(len(self.plan)), disable=self.quiet, desc=f"{self.merger.name}: blocks",
-                                unit="block")
+                progress = progress_report(range(len(self.plan)), disable=self.quiet,
+                                           desc=f"{self.merger.name}: blocks", unit="block")
                 for index in progress:
                     block_started = time.perf_counter()
-                    result = self._block(index, checkpoint, finished)
+                    result = self._block(index, checkpoint, finished, block_started)
                     sink.block(index, self.plan.prefix(index), result)
                     block_stats.append(result.stats)
                     del result          # written: free this block before the next one is loaded
-                    block_seconds.append(round(time.perf_counter() - block_started, 4))
+                    trained = checkpoint.block_seconds(index) if index < finished else None
+                    block_seconds.append(trained if trained is not None else
+                                         round(time.perf_counter() - block_started, 4))
             cache_stats = self.cache.stats()
         finally:
             self.cache.close()
@@ -431,7 +433,7 @@ class BlockEngine:
                                           self.device)
         return module, base, dict(zip(self.tasks, expert_list))
 
-    def _block(self, index: int, checkpoint: RunCheckpoint | None, finished: int) -> BlockResult:
+    def _block(self, index: int, checkpoint: RunCheckpoint | None, finished: int, started: float) -> BlockResult:
         module, base, experts = self._block_weights(index)
         self._expert_outputs(index, module, experts)
         if index < finished:
@@ -445,8 +447,9 @@ class BlockEngine:
                                self.device, generator, len(self.plan), self.dtype, self.parallel)
             ctx.quiet = self.quiet
             result = self._normalise(index, self.merger.merge_block(ctx))
-            if checkpoint is not None and self.parallel.is_writer:
-                checkpoint.save_block(index, result.params, result.artifacts, result.stats)
+            if checkpoint is not None and self.parallel.is_writer:      # with the time a resumed run reports
+                checkpoint.save_block(index, result.params, result.artifacts, result.stats,
+                                      round(time.perf_counter() - started, 4))
         self._push(index, module, {k: v.detach() for k, v in result.params.items()})
         return result
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from layermerge.data.collate import TextCollator, length_grouped_batches, row_lengths
 from layermerge.data.models import (
+    check_text_model,
+    fitted_length,
     forward_logits,
     image_collator_for,
     load_model,
@@ -29,6 +30,9 @@ from layermerge.data.sources import TaskData, load_split
 from layermerge.data.tasks import Task, get_task
 from layermerge.errors import DataError
 from layermerge.eval.metrics import task_score
+from layermerge.progress import progress
+
+DEFAULT_MAX_LENGTH = 128      # tokens per text example, unless the model's positions allow fewer
 
 ModelSource = str | Path | nn.Module
 
@@ -61,7 +65,7 @@ def predict(model: nn.Module, task: Task, data: TaskData, collator: Callable, ba
     model.eval()
     predictions = np.zeros(len(data), dtype=np.float32 if task.is_regression else np.int64)
     batches = length_grouped_batches(row_lengths(data), batch_size, shuffle=False)
-    for indices in tqdm(batches, disable=quiet, desc=desc or task.name, unit="batch", leave=False):
+    for indices in progress(batches, disable=quiet, desc=desc or task.name, unit="batch", leave=False):
         batch = collator([data[int(i)] for i in indices])
         logits = forward_logits(model, batch).float()
         if task.is_regression:
@@ -98,15 +102,23 @@ def collator_for(source: ModelSource, task: Task, tokenizer=None, max_length: in
 
 
 def evaluate_task(source: ModelSource, task: str | Task, split: str = "test",
-                  max_examples: int | None = None, *, batch_size: int = 64, max_length: int = 128,
+                  max_examples: int | None = None, *, batch_size: int = 64, max_length: int | None = None,
                   tokenizer=None, image_collator=None,
                   data_dir: str | Path | None = None, seed: int = 0, quiet: bool = True,
                   desc: str | None = None) -> TaskResult:
-    """Score one task. ``source`` is a folder (expert or merged) or an in-memory model."""
+    """Score one task. ``source`` is a folder (expert or merged) or an in-memory model. ``max_length``
+    defaults to 128 tokens, or the model's position limit when that is smaller."""
     task = get_task(task)
     data = load_split(task, split, data_dir=data_dir).take(max_examples, seed)
     model = load_model(source, task) if isinstance(source, (str, Path)) else source
+    if max_length is None:
+        config = getattr(model, "config", None)
+        max_length = fitted_length(DEFAULT_MAX_LENGTH, config.to_dict() if hasattr(config, "to_dict") else None)
     collator = collator_for(source, task, tokenizer, max_length, image_collator)
+    if isinstance(source, (str, Path)) and isinstance(collator, TextCollator):     # before any prediction
+        check_text_model(Path(source), collator.tokenizer, max_length, "max_length (--max-length)",
+                         "Name the model's tokenizer with --tokenizer DIR (tokenizer= in Python)",
+                         named=tokenizer is not None)
     started = time.perf_counter()
     predictions = predict(model, task, data, collator, batch_size, quiet=quiet, desc=desc)
     return score_predictions(task, predictions, data, time.perf_counter() - started)
@@ -114,7 +126,7 @@ def evaluate_task(source: ModelSource, task: str | Task, split: str = "test",
 
 def evaluate(model_or_folder: ModelSource | Mapping[str, ModelSource], tasks: Sequence[str | Task] | str,
              split: str = "test", max_examples: int | None = None, *, batch_size: int = 64,
-             max_length: int = 128, tokenizer=None, image_collator=None,
+             max_length: int | None = None, tokenizer=None, image_collator=None,
              data_dir: str | Path | None = None, seed: int = 0,
              quiet: bool = False) -> dict[str, TaskResult]:
     """Evaluate on each task's ``split`` (at most ``max_examples`` rows, a seeded subset).
@@ -128,7 +140,7 @@ def evaluate(model_or_folder: ModelSource | Mapping[str, ModelSource], tasks: Se
     if not resolved:
         raise DataError("no tasks to evaluate: give at least one task name")
     results = {}
-    for task in tqdm(resolved, disable=quiet or len(resolved) < 2, desc="tasks", unit="task"):
+    for task in progress(resolved, disable=quiet or len(resolved) < 2, desc="tasks", unit="task"):
         if isinstance(model_or_folder, Mapping):
             if task.name not in model_or_folder:
                 raise DataError(f"no model given for task {task.name!r}; models were given for "

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import pickletools
 import re
+import warnings
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from layermerge.errors import CheckpointError
+from layermerge.io.paths import broken_link_reason, missing_path_message
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -117,13 +121,74 @@ def _one_line(exc: Exception) -> str:
     return reason or type(exc).__name__
 
 
+# Globals a tensor pickle imports: not evidence of code, so the scan looks past them.
+TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")
+
+
+def scan_pickle(file_path: Path) -> str | None:
+    """Read a plain pickle's opcodes without executing any: the first global it would import besides
+    torch's tensor rebuilders (``os.system``...), or None. Raises ValueError when the stream is
+    truncated or not a pickle."""
+    strings: list[str] = []
+    with open(file_path, "rb") as handle:
+        for opcode, arg, _ in pickletools.genops(handle):
+            name = None
+            if opcode.name in ("GLOBAL", "INST"):
+                name = str(arg).replace(" ", ".")
+            elif opcode.name == "STACK_GLOBAL":
+                name = ".".join(strings[-2:])
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if name is not None and not name.startswith(TENSOR_GLOBALS):
+                return name
+    return None
+
+
+def pickle_error_message(file_path: Path, exc: Exception) -> str:
+    """One line for a pickle that was not loaded: code-executing content and a corrupt file need
+    different fixes, so they get different messages (and never torch's advice to file an issue)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return _unsafe_pickle_message(file_path, found.group(1), "torch.load({source!r}, weights_only=False)")
+        try:                # a plain pickle (pickle.dump): torch's unpickler stopped at its framing
+            name = scan_pickle(file_path)
+        except (ValueError, EOFError, OSError, pickle.PickleError) as error:
+            return _corrupt_pickle_message(file_path, f"truncated or malformed pickle: {error}")
+        if name:
+            return _unsafe_pickle_message(file_path, name, "pickle.load(open({source!r}, 'rb'))")
+        return _corrupt_pickle_message(file_path, "a plain pickle written by pickle.dump, not torch.save")
+    cause = _one_line(exc).split(". ")[0][:160]
+    cause = type(exc).__name__ if cause == type(exc).__name__ else f"{type(exc).__name__}: {cause}"
+    return _corrupt_pickle_message(file_path, cause)
+
+
+def _corrupt_pickle_message(file_path: Path, cause: str) -> str:
+    return (f"cannot load {file_path}: it is not a readable PyTorch state dict; the file is corrupt, truncated "
+            f"or of another format ({cause}). Re-download or re-save it, ideally as .safetensors")
+
+
+def _unsafe_pickle_message(file_path: Path, name: str, loader: str) -> str:
+    # In a model folder, model.safetensors is read before pytorch_model.bin, so the converted file is used.
+    target = file_path.with_name(SAFETENSORS_SINGLE) if file_path.name == BIN_SINGLE else \
+        file_path.with_suffix(".safetensors")
+    load = loader.format(source=str(file_path))
+    return (f"{file_path} holds pickle data that can execute code when loaded (it imports {name}), so it was "
+            "not loaded: layermerge reads pickles with torch.load(weights_only=True), which accepts tensors "
+            "only. If you trust the file, convert it to safetensors: python -c \"import pickle, torch; from "
+            f"safetensors.torch import save_file; save_file({load}, '{target}')\" and merge that file instead")
+
+
 class CheckpointReader:
     """Read-only, lazy view of one checkpoint: key names, shapes and dtypes up front, tensors on demand."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser().resolve()
-        if not self.path.exists():
-            raise CheckpointError(f"checkpoint not found: {self.path}")
+    def __init__(self, path: str | Path, role: str | None = None):
+        given = Path(path).expanduser()
+        if broken_link_reason(given) is not None or not given.exists():
+            # role: what the caller calls it, e.g. "base model", "expert 'sst2'"
+            raise CheckpointError(missing_path_message(role or "model", given.absolute()))
+        self.path = given.resolve()
         self.folder: Path | None = self.path if self.path.is_dir() else None
         # Set before discovery, which already loads (memory-maps) a bare pickle to list its keys.
         self._pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
@@ -143,6 +208,9 @@ class CheckpointReader:
         for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
             if (self.folder / single).is_file():
                 return self._keys_of_file(self.folder / single)
+        for name in (SAFETENSORS_INDEX, BIN_INDEX, SAFETENSORS_SINGLE, BIN_SINGLE):
+            if broken_link_reason(self.folder / name) is not None:
+                raise CheckpointError(missing_path_message("weights file", self.folder / name))
         found = sorted(p.name for p in self.folder.iterdir())
         raise CheckpointError(
             f"no weights found in folder {self.folder}: expected one of {SAFETENSORS_SINGLE}, "
@@ -152,8 +220,11 @@ class CheckpointReader:
     def _keys_from_index(self, index_path: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"malformed index file {index_path}: {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"malformed index file {index_path}: 'weight_map' must map each tensor name to "
+                                  "its shard file name; re-save the model")
         mapping = {}
         for key, file_name in weight_map.items():
             file_path = index_path.parent / file_name
@@ -188,12 +259,11 @@ class CheckpointReader:
                     if "mmap" not in str(exc):
                         raise
                     # Old (non-zip) serialisation cannot be memory-mapped; it is loaded eagerly instead.
-                    state = torch.load(file_path, map_location="cpu", weights_only=True)
+                    with warnings.catch_warnings():     # a plain pickle's protocol: the error below says it all
+                        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                        state = torch.load(file_path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise CheckpointError(
-                    f"cannot load {file_path} safely with torch.load(weights_only=True): {_one_line(exc)}. "
-                    "Convert it to safetensors or a plain state dict of tensors."
-                ) from exc
+                raise CheckpointError(pickle_error_message(file_path, exc)) from exc
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -237,8 +307,17 @@ class CheckpointReader:
             by_file.setdefault(file_path, []).append(key)
         for file_path, keys in by_file.items():
             if file_path.suffix == ".safetensors":
-                with safe_open(str(file_path), framework="pt") as handle:
+                try:
+                    handle = safe_open(str(file_path), framework="pt")
+                except Exception as exc:  # safetensors raises its own error types
+                    raise CheckpointError(f"cannot read safetensors file {file_path}: {exc}; the file is "
+                                          "corrupt or truncated: re-download or re-save it") from None
+                with handle:
+                    present = set(handle.keys())
                     for key in keys:
+                        if key not in present:
+                            raise CheckpointError(f"the index of {self.path} puts {key!r} in {file_path.name}, "
+                                                  "which does not hold it; re-save the model")
                         sl = handle.get_slice(key)
                         meta[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
             else:
@@ -279,9 +358,13 @@ class CheckpointReader:
         if not config_path.is_file():
             return None
         try:
-            return json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"malformed {config_path}: {exc}") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"malformed {config_path}: a model config is a JSON object ({{...}}), this one "
+                                  f"is a {type(config).__name__}")
+        return config
 
     @property
     def model_type(self) -> str | None:
@@ -304,5 +387,5 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors)"
 
 
-def open_checkpoint(path: str | Path | CheckpointReader) -> CheckpointReader:
-    return path if isinstance(path, CheckpointReader) else CheckpointReader(path)
+def open_checkpoint(path: str | Path | CheckpointReader, role: str | None = None) -> CheckpointReader:
+    return path if isinstance(path, CheckpointReader) else CheckpointReader(path, role)

@@ -3,21 +3,31 @@
 Tensors are added one at a time and flushed to a safetensors shard whenever the shard reaches its
 size limit, so writing never holds more than one shard. Everything goes to a temporary folder beside
 the target, which is renamed into place only when complete: a crash never leaves a half-written
-model where a user expects a finished one.
+model where a user expects a finished one (see ``layermerge.io.atomic``: the temporary folder records
+its owner's pid, so a later run removes one left by a killed process). Operating-system errors while
+writing (disk full, no permission...) become one-line OutputErrors naming the output path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import struct
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from layermerge.errors import OutputError
+from layermerge.errors import OutputError, OutputWriteError, os_error_message
+from layermerge.io.atomic import (
+    check_writable_location,
+    discard_temp,
+    make_temp_sibling,
+    remove_stale_siblings,
+    replace_folder,
+)
 from layermerge.io.reader import _SAFETENSORS_DTYPES
 
 # Files copied verbatim from the base folder so the output loads like the base.
@@ -29,6 +39,9 @@ COPIED_FILE_PATTERNS = (
 )
 
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items() if dtype is not None}
+
+# Errors that only writing causes, so one without a file name still concerns the output.
+WRITE_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -56,7 +69,11 @@ def parse_size(size: str | int) -> int:
 
 
 def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse to write into (or over) any input, and refuse to replace an existing output silently."""
+    """Refuse to write into (or over) any input, to replace an existing output silently, or to start work
+    whose output cannot be created (a file in the way, no permission, a name too long).
+
+    Also removes the temporary folders that killed runs into the same output left beside it.
+    """
     output = output.expanduser().resolve()
     for source in inputs:
         source = Path(source).expanduser().resolve()
@@ -71,6 +88,8 @@ def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> 
                 f"refusing to write the output to {output}: it overlaps the input {source}. "
                 "Choose an output folder outside every input."
             )
+    check_writable_location(output)
+    remove_stale_siblings(output)
     if output.exists() and not overwrite:
         raise OutputError(f"output {output} already exists; pass --overwrite (overwrite=True) to replace it")
     if output.exists() and not output.is_dir():
@@ -198,29 +217,65 @@ class CheckpointWriter:
         self._streams: list[ShardedSafetensorsWriter] = []
 
     def __enter__(self) -> CheckpointWriter:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        with self._write_errors():
+            self.temp = make_temp_sibling(self.output)
         self._model = ShardedSafetensorsWriter(self.temp, self.max_shard_bytes)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
+            discard_temp(self.temp)
+            if self._is_write_error(exc):  # e.g. disk full while writing a shard: one line, not a traceback
+                raise self._write_error(exc) from exc
             return
         try:
-            self._model.close()
-            for stream in self._streams:
-                stream.close()
+            with self._write_errors():
+                self._model.close()
+                for stream in self._streams:
+                    stream.close()
+                replace_folder(self.temp, self.output)
         except BaseException:  # e.g. disk full while finishing a shard: leave nothing half-written behind
-            shutil.rmtree(self.temp, ignore_errors=True)
+            discard_temp(self.temp)
             raise
-        if self.output.exists():
-            backup = self.output.with_name(f".{self.output.name}.old-{os.getpid()}")
-            os.replace(self.output, backup)
-            os.replace(self.temp, self.output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(self.temp, self.output)
+
+    @contextmanager
+    def _write_errors(self):
+        """An OSError while writing becomes one line naming the output path and the cause."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: OSError) -> OutputWriteError:
+        shown = self._shown(exc.filename)
+        if shown is None:  # write() names no file (disk full...), and the error may not be the output's own disk
+            return OutputWriteError(f"failed while writing '{self.output}': {os_error_message(exc)}")
+        return OutputWriteError(os_error_message(exc, "write", shown))
+
+    def _is_write_error(self, exc) -> bool:
+        """An OSError about a file in the output, or one only a write can cause (a read error stays as it is)."""
+        if not isinstance(exc, OSError):
+            return False
+        return self._in_temp(exc.filename) or (exc.filename is None and exc.errno in WRITE_ONLY_ERRNOS)
+
+    def _in_temp(self, filename) -> bool:
+        if not isinstance(filename, (str, bytes, os.PathLike)) or self.temp is None:
+            return False
+        return Path(os.fsdecode(filename)).is_relative_to(self.temp)
+
+    def _shown(self, filename) -> str | None:
+        """A path inside the temporary folder, as it would be called in the finished output."""
+        if not isinstance(filename, (str, bytes, os.PathLike)):
+            return None
+        if self._in_temp(filename):
+            return str(self.output / Path(os.fsdecode(filename)).relative_to(self.temp))
+        return os.fsdecode(filename)
+
+    def _inside(self, relative: str) -> Path:
+        """``self.temp / relative``, refusing a path that would land outside the output (``heads/../../x``)."""
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise OutputError(f"refusing to write {relative!r}: it would land outside the output folder {self.output}")
+        return self.temp / relative
 
     # ----------------------------------------------------------------- content
     def add_tensor(self, key: str, tensor: torch.Tensor) -> None:
@@ -228,7 +283,7 @@ class CheckpointWriter:
 
     def stream_writer(self, relative_folder: str, prefix: str = "model") -> ShardedSafetensorsWriter:
         """A second streaming writer for per-tensor side outputs (EMR masks...), closed with the folder."""
-        folder = self.temp / relative_folder
+        folder = self._inside(relative_folder)
         folder.mkdir(parents=True, exist_ok=True)
         stream = ShardedSafetensorsWriter(folder, self.max_shard_bytes, prefix=prefix)
         self._streams.append(stream)
@@ -236,7 +291,7 @@ class CheckpointWriter:
 
     def write_state_dict(self, relative_folder: str, tensors: dict[str, torch.Tensor], prefix: str = "model") -> None:
         """A small extra state dict (a task head, EMR masks...) in a sub-folder of the output."""
-        folder = self.temp / relative_folder
+        folder = self._inside(relative_folder)
         folder.mkdir(parents=True, exist_ok=True)
         writer = ShardedSafetensorsWriter(folder, self.max_shard_bytes, prefix=prefix)
         for key, tensor in tensors.items():
@@ -244,7 +299,7 @@ class CheckpointWriter:
         writer.close()
 
     def write_text(self, relative_path: str, text: str) -> None:
-        path = self.temp / relative_path
+        path = self._inside(relative_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
 
@@ -255,7 +310,7 @@ class CheckpointWriter:
         """Copy config, tokenizer and generation files so the output loads like the base."""
         if base_folder is None:
             return []
-        target = self.temp / relative_folder
+        target = self._inside(relative_folder)
         target.mkdir(parents=True, exist_ok=True)
         copied = []
         for name in COPIED_FILE_PATTERNS:

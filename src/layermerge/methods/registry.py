@@ -17,7 +17,9 @@ from layermerge.errors import ConfigError
 class MethodParams(BaseModel):
     """Base for every method's parameters: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No protected namespaces: a parameter may be called model_* (NeuLig's model_mode); older pydantic
+    # releases warn about such names otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 @dataclass(frozen=True)
