@@ -22,7 +22,7 @@ from layermerge.engine import (
     run_engine,
     task_arithmetic_tensor,
 )
-from layermerge.engine.capture import hidden_of
+from layermerge.engine.capture import hidden_parameter
 from layermerge.errors import DataError, IncompatibleExpertsError, OutputError
 
 TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
@@ -100,8 +100,8 @@ def block_io(model: nn.Module, blocks: list[str], batch: dict) -> tuple[list, li
     for path in blocks:
         module = model.get_submodule(path)
 
-        def pre(_, args, kwargs):
-            inputs.append(args[0] if args else kwargs["hidden_states"])
+        def pre(hooked, args, kwargs):
+            inputs.append(args[0] if args else kwargs[hidden_parameter(hooked.forward)])
 
         def post(_, args, kwargs, out):
             outputs.append(out if isinstance(out, torch.Tensor) else out[0])
@@ -198,21 +198,6 @@ def test_streams_match_real_forward_passes(family):
         assert torch.equal(tensor, expected[key]), key
 
 
-def real_block_outputs(model: nn.Module, block_paths: list[str], batch: dict) -> list[torch.Tensor]:
-    """Each block's hidden-state output in an ordinary forward pass of the whole model (forward hooks)."""
-    outputs, handles = [], []
-    for path in block_paths:
-        handles.append(model.get_submodule(path).register_forward_hook(
-            lambda _module, _args, output: outputs.append(hidden_of(output).detach().clone())))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
-
-
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 def test_captured_arguments_replay_each_block_exactly(family):
     """Replaying every block on what capture recorded reproduces the full model's hidden states, whatever
@@ -221,7 +206,7 @@ def test_captured_arguments_replay_each_block_exactly(family):
     plan = layermerge.blocks.find_block_plan(base)
     batch = data["t0"][0]
     inputs = capture_block_inputs(base, plan, batch)
-    expected = real_block_outputs(base, list(plan.blocks), batch)
+    _, expected = block_io(base, list(plan.blocks), batch)
     hidden = inputs.hidden
     with torch.no_grad():
         for index, path in enumerate(plan.blocks):
@@ -263,7 +248,7 @@ def test_capture_finds_the_hidden_state_by_the_blocks_own_parameter_name():
     batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]])}
     inputs = capture_block_inputs(model, plan, batch)
     assert [extra[1]["scale"] for extra in inputs.extras] == [1.0, 2.0, 3.0]
-    expected = real_block_outputs(model, list(plan.blocks), batch)
+    _, expected = block_io(model, list(plan.blocks), batch)
     hidden = inputs.hidden
     with torch.no_grad():
         for index, path in enumerate(plan.blocks):
