@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_config, perturb_
 from safetensors.torch import load_file
-from tinytext import build_tiny_text_base
+from tinytext import build_tiny_text_base, save_text_experts
 
 from layermerge.cli import main
 from layermerge.data import find_data_dir
@@ -41,17 +40,8 @@ sys.exit(main(sys.argv[1:]))
 
 def build_glue_setup(root: Path) -> tuple[Path, Path]:
     """A tiny BERT base with a tokenizer, experts 'sst2' and 'rte', and a prodistill config using them."""
-    from transformers import BertForSequenceClassification
-
     root.mkdir(parents=True, exist_ok=True)
-    base = build_tiny_text_base(root / "base")
-    base_state = CheckpointReader(base).state_dict()
-    for index, task in enumerate(["sst2", "rte"]):
-        torch.manual_seed(10 + index)
-        model = BertForSequenceClassification(make_config("bert", num_labels=2))
-        model.bert.load_state_dict(base_state)
-        perturb_(model, seed=index, scale=0.05)
-        model.save_pretrained(root / task)
+    save_text_experts(root, build_tiny_text_base(root / "base"))
     config = {"base": "base", "experts": {"sst2": "sst2", "rte": "rte"}, "method": "prodistill",
               "params": {"lr": 0.05, "epochs": 2, "batch_size": 4},
               "data": {"shots": 4, "max_length": 16, "batch_size": 2, "tasks": {"rte": {"shots": 6, "seed": 3}}},

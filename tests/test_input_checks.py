@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_config, perturb_, tree_hashes
+from conftest import make_config, tree_hashes
 from safetensors.torch import save_file
-from tinytext import build_tiny_text_base
+from tinytext import build_tiny_text_base, save_text_experts
 
 import layermerge
 from layermerge.cli import main
@@ -77,17 +77,9 @@ def text_batches(tasks, width: int = 5, rows: int = 2) -> dict:
 @pytest.fixture(scope="module")
 def glue(tmp_path_factory):
     """A tiny BERT base saved with its tokenizer, experts 'sst2' and 'rte', and a prodistill config."""
-    from transformers import BertForSequenceClassification
-
     root = tmp_path_factory.mktemp("glue")
     base = build_tiny_text_base(root / "base")
-    state = CheckpointReader(base).state_dict()
-    for index, task in enumerate(["sst2", "rte"]):
-        torch.manual_seed(10 + index)
-        model = BertForSequenceClassification(make_config("bert", num_labels=2))
-        model.bert.load_state_dict(state)
-        perturb_(model, seed=index, scale=0.05)
-        model.save_pretrained(root / task)
+    save_text_experts(root, base)
     # The same base without its tokenizer files: what transformers 5 silently accepted.
     bare = root / "base-no-tokenizer"
     bare.mkdir()

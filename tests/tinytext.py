@@ -47,23 +47,29 @@ def write_tiny_glue(data_dir: Path, task: str, rows: int = 16) -> None:
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def build_text_setup(root: Path) -> tuple[Path, dict[str, Path], Path]:
-    """A tiny BERT base with its tokenizer, experts 'sst2' and 'rte' fine-tuned from it (seeded noise),
-    and a local GLUE folder for both: everything a data-driven merge needs, without the shared data."""
+def save_text_experts(root: Path, base: Path, tasks=("sst2", "rte")) -> dict[str, Path]:
+    """Two-label BERT experts of ``base`` (its backbone plus seeded noise), saved as ``root/<task>``."""
     from conftest import perturb_
     from safetensors.torch import load_file
     from transformers import BertForSequenceClassification
 
-    base = build_tiny_text_base(root / "base")
     base_state = load_file(str(base / "model.safetensors"))
     experts = {}
-    for index, task in enumerate(["sst2", "rte"]):
+    for index, task in enumerate(tasks):
         torch.manual_seed(10 + index)
         model = BertForSequenceClassification(make_config("bert", num_labels=2))
         model.bert.load_state_dict(base_state)
         perturb_(model, seed=index, scale=0.05)
         model.save_pretrained(root / task)
         experts[task] = root / task
+    return experts
+
+
+def build_text_setup(root: Path) -> tuple[Path, dict[str, Path], Path]:
+    """A tiny BERT base with its tokenizer, experts 'sst2' and 'rte' fine-tuned from it (seeded noise),
+    and a local GLUE folder for both: everything a data-driven merge needs, without the shared data."""
+    base = build_tiny_text_base(root / "base")
+    experts = save_text_experts(root, base)
     data_dir = root / "data"
     for task in experts:
         write_tiny_glue(data_dir, task)
