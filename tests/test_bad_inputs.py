@@ -16,8 +16,8 @@ models), runs one command, and asserts what every user error must give:
 Merges run with ``--quiet`` so that a case's stderr is its error line alone. Most rows run in-process
 (``layermerge.cli.main``); the ``process`` rows run ``python -m layermerge`` to show that no traceback
 escapes the real entry point, and the ``api`` rows call ``layermerge.merge`` directly.
-Argument-syntax errors (a missing positional, an unknown flag) are argparse's and print its usage line,
-so they are not in this corpus; every row passes arguments argparse accepts with values that are wrong.
+Argument-syntax errors (a missing positional, an unknown flag, a value of the wrong type) are
+argparse's; the CLI's parser reports them as one line too, so they are rows like the others.
 """
 
 from __future__ import annotations
@@ -712,6 +712,18 @@ add("inspect-base-symlink-loop", lambda e: ["inspect", str(e.loop()), str(e.shar
     "loop", "symbolic link")
 
 
+# ---- argument syntax (argparse): one line naming the command and pointing at its --help
+add("args-no-command", lambda e: [], "required: command", "layermerge --help")
+add("args-unknown-command", lambda e: ["mrege"], "invalid choice: 'mrege'")
+add("args-merge-no-config", lambda e: ["merge"], "merge:", "required: config", "layermerge merge --help")
+add("args-merge-unknown-flag", lambda e: ["merge", str(e.df()), "--bogus"], "unrecognized arguments: --bogus")
+add("args-merge-bad-dtype-choice", lambda e: ["merge", str(e.df()), "--compute-dtype", "int8"],
+    "--compute-dtype", "invalid choice: 'int8'")
+add("args-finetune-threads-not-int", lambda e: ["finetune", str(e.shared.text_base), "--task", "sst2",
+                                                "--threads", "two"], "--threads", "invalid int value: 'two'")
+add("args-inspect-one-model", lambda e: ["inspect"], "inspect:", "required")
+
+
 # ---- eval (the text expert sst2 with the base's tokenizer, on the local GLUE copy)
 def _eval(e: Env, *flags: str, model: str | Path | None = None) -> list[str]:
     return ["eval", str(model or e.shared.text_experts["sst2"]), "--tokenizer", str(e.shared.text_base),
@@ -907,7 +919,7 @@ def run_cli(argv: list[str], capfd) -> tuple[int, str, str]:
     capfd.readouterr()
     try:
         code = main(argv)
-    except SystemExit as exc:          # argparse: not expected from any row
+    except SystemExit as exc:          # argparse's usage errors exit from inside parse_args
         code = exc.code
     captured = capfd.readouterr()
     return code, captured.out, captured.err

@@ -27,8 +27,18 @@ class Terminated(KeyboardInterrupt):
     """Raised on SIGTERM: a KeyboardInterrupt, so every cleanup that handles Ctrl-C handles it too."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error (argparse prints the whole usage
+    block first); ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("layermerge").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"layermerge: error: {where}{message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layermerge", description="Merge fine-tuned experts into one model.")
+    parser = OneLineParser(prog="layermerge", description="Merge fine-tuned experts into one model.")
     parser.add_argument("--version", action="version", version=f"layermerge {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
