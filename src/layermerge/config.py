@@ -118,7 +118,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
         elif error["type"] == "missing":
             problems.append(f"missing required key {where!r}")
         else:
-            problems.append(f"key {where!r}: {error['msg']}")
+            problems.append(f"key {where!r}: {error['msg'].removeprefix('Value error, ')}")
     return f"{source}: " + "; ".join(problems)
 
 
