@@ -75,7 +75,7 @@ def train(modules: list[nn.Module], x: torch.Tensor, y: torch.Tensor, epochs: in
 
 
 class PlainContext:
-    """The part of ``layermerge.modelwise.ModelContext`` NeuLig uses, over plain modules: the task
+    """The part of ``layermerge.pipeline.strategies.modelwise.ModelContext`` NeuLig uses, over plain modules: the task
     model is Sequential(backbone, head) and the features are the backbone's output."""
 
     def __init__(self, models: dict[str, nn.Sequential], batches: dict[str, list[dict]], seed: int):

@@ -54,7 +54,7 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     import torch
     from transformers import AutoModel
 
-    from layermerge.datadriven import parameters_on_meta
+    from layermerge.engine.template import parameters_on_meta
 
     with parameters_on_meta():
         model = AutoModel.from_config(config, dtype=torch.float32)
@@ -173,8 +173,8 @@ def child_compare(args) -> None:
     import torch
 
     import layermerge
-    from layermerge.datadriven import build_template, checkpoint_key_map
     from layermerge.engine import ExpertSetSource, run_engine
+    from layermerge.engine.template import build_template, checkpoint_key_map
     from layermerge.fewshot import adapt_batches
 
     torch.set_num_threads(args.threads)

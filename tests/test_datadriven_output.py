@@ -12,7 +12,7 @@ from conftest import tree_hashes
 from safetensors.torch import load_file
 
 import layermerge
-from layermerge.datadriven import build_template, checkpoint_key_map
+from layermerge.engine.template import build_template, checkpoint_key_map
 from layermerge.errors import ConfigError, DataError
 from layermerge.fewshot import adapt_batches
 from layermerge.io.reader import CheckpointReader
@@ -85,7 +85,7 @@ def test_training_changes_blocks_only_and_plots(family_models, tmp_path):
         assert changed == key.startswith("encoder.layer."), key          # non-block weights: Task Arithmetic
     png = out / "prodistill" / "coefficients.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    second = layermerge.datadriven.plot_coefficients(out, tmp_path / "again.png")
+    second = layermerge.coefficient_plot.plot_coefficients(out, tmp_path / "again.png")
     assert second.stat().st_size > 1000
     stats = json.loads((out / "prodistill" / "blocks.json").read_text())["blocks"]
     assert all(b["stats"]["loss_last_epoch"] < b["stats"]["loss_first_epoch"] for b in stats)

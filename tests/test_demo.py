@@ -12,7 +12,7 @@ import torch
 from tinytext import build_tiny_text_base
 
 import layermerge.finetune
-import layermerge.merging
+import layermerge.pipeline
 from layermerge.data import find_data_dir
 from layermerge.demo import DEMO_METHODS, DemoConfig, eligible_methods, run_demo
 from layermerge.methods.registry import MethodInfo
@@ -50,9 +50,9 @@ def test_tiny_demo_runs_end_to_end_then_reuses_its_caches(tiny_config, monkeypat
         raise AssertionError("the second run must not fine-tune again")
 
     merges = []
-    real_merge = layermerge.merging.merge
+    real_merge = layermerge.pipeline.merge
     monkeypatch.setattr(layermerge.finetune, "train_model", no_training)
-    monkeypatch.setattr(layermerge.merging, "merge", lambda *a, **k: merges.append(a[2]) or real_merge(*a, **k))
+    monkeypatch.setattr(layermerge.pipeline, "merge", lambda *a, **k: merges.append(a[2]) or real_merge(*a, **k))
     second = run_demo(tiny_config)
     assert second.expert_paths == first.expert_paths and merges == []     # scores reused, nothing merged
     fresh = run_demo(DemoConfig(**{**tiny_config.__dict__, "reuse_results": False}))

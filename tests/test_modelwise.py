@@ -1,4 +1,4 @@
-"""The ``kind="model"`` path (layermerge.modelwise): each expert's whole task model run with any
+"""The ``kind="model"`` path (layermerge.pipeline.strategies.modelwise): each expert's whole task model run with any
 backbone, the output folder, per-task replacement weights and the in-memory save."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import layermerge
 from layermerge.errors import ConfigError, DataError
 from layermerge.experts import ExpertSet
 from layermerge.io.reader import CheckpointReader
+from layermerge.methods.base import ModelMergeResult
 from layermerge.methods.registry import _REGISTRY, MethodParams, register
-from layermerge.modelwise import ModelContext, ModelMergeResult, final_linear
+from layermerge.pipeline.strategies.modelwise import ModelContext, final_linear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

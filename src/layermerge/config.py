@@ -8,13 +8,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from layermerge.datadriven import EngineConfig
 from layermerge.errors import ConfigError, LayermergeError
 from layermerge.fewshot import DataConfig
 from layermerge.io.paths import missing_path_message
 from layermerge.io.writer import parse_size
 from layermerge.methods.registry import available_methods, get_method, validate_params
 from layermerge.names import expert_name_problem
+from layermerge.pipeline.plan import EngineConfig
 
 
 class MergeConfig(BaseModel):

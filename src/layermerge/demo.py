@@ -212,8 +212,8 @@ def _say(config: DemoConfig, message: str) -> None:
 
 
 def merge_method(base: Path, experts: dict[str, Path], name: str, folder: Path, config: DemoConfig) -> None:
-    from layermerge.merging import merge
     from layermerge.methods.registry import get_method
+    from layermerge.pipeline import merge
 
     params = dict(config.method_params.get(name, {}))
     if get_method(name).needs_data:

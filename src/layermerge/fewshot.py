@@ -161,6 +161,16 @@ def _image_collator(reader, name: str):
     return image_collator_for(spec)
 
 
+def data_record(data, batches: Mapping[str, Sequence[Mapping]]) -> dict:
+    """The ``data:`` section layermerge.yaml records: the section as resolved, or for hand-built batches
+    their shape (they cannot be recorded)."""
+    if isinstance(data, DataConfig):
+        return data.model_dump(exclude_none=True)
+    if isinstance(data, Mapping) and set(data) <= set(DataConfig.model_fields):
+        return DataConfig(**data).model_dump(exclude_none=True)
+    return {"in_memory_batches": describe(batches)}
+
+
 def describe(data: Mapping[str, Sequence[Mapping]]) -> dict:
     """Examples and batches per task, for the output's records."""
     from layermerge.engine.driver import input_batch_size

@@ -62,14 +62,14 @@ def load_task_model(folder: str | Path, task: str, dtype: torch.dtype = torch.fl
     if architecture is None or not hasattr(transformers, architecture):
         raise CheckpointError(f"{head_dir}/config.json names no known transformers architecture")
     prefix = meta.get("prefix", "")
-    backbone = _apply_task_extras(folder, task, CheckpointReader(folder).state_dict(), base)
+    backbone = apply_task_extras(folder, task, CheckpointReader(folder).state_dict(), base)
     state = {prefix + k: v for k, v in backbone.items()}
     if (head_dir / "model.safetensors").exists() or (head_dir / "model.safetensors.index.json").exists():
         state.update(CheckpointReader(head_dir).state_dict())
     return _from_state_dict(getattr(transformers, architecture), config, state).to(dtype)
 
 
-def _apply_task_extras(folder: Path, task: str, merged: dict[str, torch.Tensor],
+def apply_task_extras(folder: Path, task: str, merged: dict[str, torch.Tensor],
                        base: str | Path | None) -> dict[str, torch.Tensor]:
     """Turn the shared merged backbone into task ``task``'s weights for methods that store per-task parts.
 

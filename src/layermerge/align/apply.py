@@ -32,7 +32,7 @@ def invert_perms(perms: Perms) -> Perms:
     return {name: torch.argsort(perm) for name, perm in perms.items()}
 
 
-def _check_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> None:
+def check_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> None:
     unknown = sorted(set(perms) - set(spec.groups))
     if unknown:
         raise ConfigError(f"permutations given for unknown groups {unknown[:5]}; the spec has {list(spec.groups)[:5]}")
@@ -56,7 +56,7 @@ def permute_tensor(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms:
 def apply_perms(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
                 perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new state dict with ``perms`` applied; tensors no group touches are the same objects."""
-    _check_perms(spec, perms)
+    check_perms(spec, perms)
     spec.check(state)
     axes_of = spec.param_axes()
     return {key: permute_tensor(spec, key, tensor, perms, axes_of=axes_of) if key in axes_of else tensor

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from layermerge.align.apply import Perms, _check_perms, identity_perms, permute_tensor
+from layermerge.align.apply import Perms, check_perms, identity_perms, permute_tensor
 from layermerge.align.spec import PermutationSpec, units_view
 
 
@@ -51,7 +51,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     spec.check(state_a)
     spec.check(state_b)
     perms = {name: perm.clone().long().cpu() for name, perm in (init or identity_perms(spec)).items()}
-    _check_perms(spec, perms)
+    check_perms(spec, perms)
     free = list(groups if groups is not None else spec.groups)
     axes_of = spec.param_axes()
     # Converted once: the sweep reads every tensor many times.

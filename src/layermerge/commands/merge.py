@@ -50,7 +50,7 @@ def _engine_overrides(args) -> dict:
 
 
 def run(args) -> int:
-    from layermerge.merging import merge
+    from layermerge.pipeline import merge
 
     given = load_config(args.config, resolve=False)      # layermerge.yaml records paths as written
     config = given.resolve_paths(Path(args.config).parent.resolve())

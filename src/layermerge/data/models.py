@@ -258,17 +258,17 @@ def load_model(folder: str | Path, task: Task) -> nn.Module:
         if spec is not None:
             model, _ = load_vision_model(folder)
         else:
-            model = _load_hf_classifier(folder)
+            model = load_hf_classifier(folder)
     check_outputs(model, task, folder)
     return model.eval()
 
 
 def _load_merged_vision(folder: Path, head_dir: Path, spec: VisionSpec) -> nn.Module:
-    from layermerge.hf import _apply_task_extras  # per-task weights (EMR), exactly as for text models
+    from layermerge.hf import apply_task_extras  # per-task weights (EMR), exactly as for text models
 
     meta = _read_json(head_dir / HEAD_META) or {}
     prefix = meta.get("prefix", "")
-    backbone = _apply_task_extras(folder, head_dir.name, _load_safetensors(folder), None)
+    backbone = apply_task_extras(folder, head_dir.name, _load_safetensors(folder), None)
     state = {prefix + k: v for k, v in backbone.items()}
     if any(head_dir.glob("*.safetensors")):
         state.update(_load_safetensors(head_dir))
@@ -277,7 +277,7 @@ def _load_merged_vision(folder: Path, head_dir: Path, spec: VisionSpec) -> nn.Mo
     return model
 
 
-def _load_hf_classifier(folder: Path) -> nn.Module:
+def load_hf_classifier(folder: Path) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     if not (folder / "config.json").is_file():

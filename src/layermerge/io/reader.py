@@ -35,7 +35,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
@@ -319,7 +319,7 @@ class CheckpointReader:
                             raise CheckpointError(f"the index of {self.path} puts {key!r} in {file_path.name}, "
                                                   "which does not hold it; re-save the model")
                         sl = handle.get_slice(key)
-                        meta[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+                        meta[key] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()])
             else:
                 state = self._load_pickle(file_path)
                 for key in keys:

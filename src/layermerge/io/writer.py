@@ -28,7 +28,7 @@ from layermerge.io.atomic import (
     remove_stale_siblings,
     replace_folder,
 )
-from layermerge.io.reader import _SAFETENSORS_DTYPES
+from layermerge.io.reader import SAFETENSORS_DTYPES
 
 # Files copied verbatim from the base folder so the output loads like the base.
 COPIED_FILE_PATTERNS = (
@@ -38,7 +38,7 @@ COPIED_FILE_PATTERNS = (
     "chat_template.jinja", "chat_template.json",
 )
 
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items() if dtype is not None}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items() if dtype is not None}
 
 # Errors that only writing causes, so one without a file name still concerns the output.
 WRITE_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)

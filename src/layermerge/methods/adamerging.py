@@ -201,7 +201,7 @@ class AdaMerging(DataDrivenMethod):
 
 
     def merge_models(self, ctx):
-        from layermerge.modelwise import ModelMergeResult
+        from layermerge.methods.base import ModelMergeResult
 
         p = self.params
         base = ctx.base_state()

@@ -22,6 +22,22 @@ class TensorResult:
     per_task: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class ModelMergeResult:
+    """A ``kind="model"`` method's answer.
+
+    ``params``: every merge key (base checkpoint names) → merged fp32 tensor. ``artifacts``: tensors
+    saved as ``<method>/artifacts.safetensors``. ``task_params``: optional per-task backbone tensors
+    that replace the shared ones when that task's model is loaded. ``stats``: JSON-able numbers for
+    ``layermerge_summary.json``. What a ``kind="model"`` method returns.
+    """
+
+    params: dict[str, torch.Tensor]
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
 class DataFreeMethod:
     """Base class. Subclasses define ``Params`` and ``merge_tensor``; all tensors arrive as fp32."""
 

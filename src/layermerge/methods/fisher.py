@@ -198,7 +198,7 @@ class FisherMerging(DataDrivenMethod):
 
 
     def merge_models(self, ctx):
-        from layermerge.modelwise import ModelMergeResult
+        from layermerge.methods.base import ModelMergeResult
 
         p = self.params
         average = FisherAverage(p.epsilon)

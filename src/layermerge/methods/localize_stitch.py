@@ -211,7 +211,7 @@ class LocalizeStitch(DataDrivenMethod):
 
 
     def merge_models(self, ctx):
-        from layermerge.modelwise import ModelMergeResult
+        from layermerge.methods.base import ModelMergeResult
 
         p = self.params
         base = ctx.base_state()

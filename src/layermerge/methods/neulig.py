@@ -226,7 +226,7 @@ class NeuLig(DataDrivenMethod):
 
 
     def merge_models(self, ctx):
-        from layermerge.modelwise import ModelMergeResult
+        from layermerge.methods.base import ModelMergeResult
 
         fit = self.fit(ctx)
         p = self.params

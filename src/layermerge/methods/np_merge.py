@@ -362,7 +362,7 @@ class NPMerge(DataDrivenMethod):
 
 
     def merge_models(self, ctx):
-        from layermerge.modelwise import ModelMergeResult
+        from layermerge.methods.base import ModelMergeResult
 
         p = self.params
         feeds = [(ContextRunner(ctx, task), ctx.batches(task)) for task in ctx.tasks]

@@ -29,7 +29,7 @@ class MethodInfo:
     summary: str
     needs_data: bool
     kind: str                 # "tensor" (data-free, streamed per tensor), "block" (data-driven, block engine)
-    #                           or "model" (data-driven on each expert's whole task model: layermerge.modelwise)
+    #                           or "model" (data-driven on whole task models: pipeline/strategies/modelwise.py)
     min_experts: int = 1
     max_experts: int | None = None
     needs_base: bool = True

@@ -1,4 +1,4 @@
-"""Data-driven merges that need each expert's whole task model (``kind="model"`` methods).
+"""Whole-model methods (``kind="model"``): Fisher, AdaMerging, Localize-and-Stitch, NeuLig, NP Merge.
 
 Fisher merging needs gradients of the expert's own predictions, AdaMerging the entropy of each task
 head's output, Localize-and-Stitch a labelled loss, NeuLig a router over the experts' features and
@@ -8,63 +8,36 @@ and expert backbones as tensors, and every expert's full task model, through whi
 be run differentiably (``torch.func.functional_call``). Memory is therefore the experts' full models
 plus what the method keeps, not one block — the methods' docs say so.
 
-A method registers with ``kind="model"`` and implements ``merge_models(ctx) -> ModelMergeResult``;
-``layermerge.merge(..., method=..., data=...)`` reaches it exactly like ProDistill, and the output
-folder has the layout of every other merge (sharded backbone, ``heads/<task>/``, model card,
-``layermerge.yaml``), plus ``<method>/artifacts.safetensors`` and ``task_extras/<task>/`` when the
-method returns per-task weights (these replace the shared weights when that task's model is loaded).
+A method registers with ``kind="model"`` and implements ``merge_models(ctx) -> ModelMergeResult``; the
+output has the layout of every other merge plus ``<method>/artifacts.safetensors`` and
+``task_extras/<task>/`` when the method returns per-task weights (these replace the shared weights
+when that task's model is loaded).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
+from layermerge.engine.template import checkpoint_key_map
 from layermerge.errors import CheckpointError, ConfigError, DataError
 from layermerge.experts import ExpertSet
-from layermerge.io.writer import CheckpointWriter, check_output_location
-from layermerge.merging import (
-    MergedModel,
-    _write_side_files,
-    check_card_paths,
-    given_paths,
-    hash_inputs,
-    open_expert_set,
-    resolve_dtype,
-)
-from layermerge.methods.registry import get_method, validate_params
+from layermerge.methods.base import ModelMergeResult
 from layermerge.norm_stats import experts_mean_statistics
+from layermerge.pipeline.strategies.base import Outcome, Strategy
 from layermerge.progress import progress
 
 TASK_EXTRAS_REPLACE = "replace"      # layermerge_summary.json "task_extras" value: per-task tensors replace
 
 
-@dataclass
-class ModelMergeResult:
-    """A ``kind="model"`` method's answer.
-
-    ``params``: every merge key (base checkpoint names) → merged fp32 tensor. ``artifacts``: tensors
-    saved as ``<method>/artifacts.safetensors``. ``task_params``: optional per-task backbone tensors
-    that replace the shared ones when that task's model is loaded. ``stats``: JSON-able numbers for
-    ``layermerge_summary.json``.
-    """
-
-    params: dict[str, torch.Tensor]
-    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
-    task_params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-
-
 def load_expert_model(folder: Path | None, name: str) -> nn.Module:
     """An expert's full task model (backbone + head) from its folder: layermerge vision model or a
     transformers sequence classifier."""
-    from layermerge.data.models import _load_hf_classifier, load_vision_model, vision_spec_of
+    from layermerge.data.models import load_hf_classifier, load_vision_model, vision_spec_of
 
     if folder is None:
         raise CheckpointError(f"expert '{name}' is a bare state dict; this method runs each expert's whole task "
@@ -75,7 +48,7 @@ def load_expert_model(folder: Path | None, name: str) -> nn.Module:
         return model.eval()
     architecture = _architecture(folder)
     if architecture is None:
-        return _load_hf_classifier(folder).eval()
+        return load_hf_classifier(folder).eval()
     import transformers
 
     from layermerge.data.models import quiet_transformers
@@ -170,8 +143,6 @@ class ModelContext:
 
     def _parameter_names(self, model: nn.Module, prefix: str, task: str) -> dict[str, str]:
         """Merge key → the task model's own state-dict name (transformers may rename keys on load)."""
-        from layermerge.datadriven import checkpoint_key_map
-
         wanted = [prefix + key for key in self.merge_keys]
         by_checkpoint = {ckpt: name for name, ckpt in checkpoint_key_map(model, wanted).items()}
         names = {key: by_checkpoint[prefix + key] for key in self.merge_keys if prefix + key in by_checkpoint}
@@ -287,77 +258,46 @@ def few_shot_with_labels(data, expert_set: ExpertSet) -> dict[str, list[dict]]:
             if name in expert_set.names}
 
 
-def merge_with_models(base, experts, method: str, *, data=None, output: str | Path | None = None,
-                      overwrite: bool = False, max_shard_size: str | int = "5GB", dtype: str | None = None,
-                      vocab_policy: str = "error", head_keys: list[str] | None = None, quiet: bool = False,
-                      config_record: dict | None = None, card_paths: str = "name", **options) -> MergedModel:
-    """Merge with a ``kind="model"`` method; see ``layermerge.merge``. ``options``: the method's
-    parameters plus the engine options that apply here (device, seed)."""
-    from layermerge.datadriven import ENGINE_OPTIONS, _engine_config
-    from layermerge.distributed import resolve_device
-    from layermerge.fewshot import DataConfig, describe
+class ModelStrategy(Strategy):
+    def prepare(self) -> None:
+        from layermerge.distributed import resolve_device
 
-    info = get_method(method)
-    check_card_paths(card_paths)
-    engine = _engine_config({k: options.pop(k) for k in ENGINE_OPTIONS if k in options})
-    validated = validate_params(info, options)
-    expert_set = open_expert_set(info, base, experts, vocab_policy, head_keys)
-    if output is not None:
-        check_output_location(Path(output), expert_set.input_paths(), overwrite)
-    batches = few_shot_with_labels(data, expert_set)
-    device = resolve_device(engine.device)
-    torch.manual_seed(engine.seed)
-    ctx = ModelContext(expert_set, batches, device, seed=engine.seed, quiet=quiet)
-    algorithm = info.cls(validated, expert_set.names)
-    started = time.perf_counter()
-    result = algorithm.merge_models(ctx)
-    missing = [key for key in expert_set.report.merge_keys if key not in result.params]
-    if missing:
-        raise RuntimeError(f"method {method!r} returned no merged tensor for {missing[:5]}")
-    if not getattr(algorithm, "merges_running_statistics", False):
-        result.params.update(experts_mean_statistics(ctx, result.params))   # see layermerge.norm_stats
-    summary = {**result.stats, "seconds": round(time.perf_counter() - started, 3), "data": describe(batches)}
-    if result.task_params:
-        summary["task_extras"] = TASK_EXTRAS_REPLACE
-    out_dtype = resolve_dtype(dtype)
-    reference, ref_prefix = expert_set.reference, expert_set.reference_prefix
+        self.batches = few_shot_with_labels(self.plan.data, self.expert_set)
+        self.device = resolve_device(self.plan.engine.device)
 
-    def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to("cpu", out_dtype or reference.dtype(ref_prefix + key)).contiguous()
+    def run(self, writer) -> Outcome:
+        from layermerge.fewshot import data_record, describe
 
-    state = {key: cast(key, result.params[key]) for key in expert_set.report.merge_keys}
-    task_extras = {task: {key: cast(key, t) for key, t in tensors.items()}
-                   for task, tensors in result.task_params.items() if tensors}
-    heads = {task: expert_set.head_state(task) for task in expert_set.names}
-    head_meta = {e.name: {"prefix": e.prefix, "config": e.reader.config} for e in expert_set.experts}
-    params = validated.model_dump()
-    artifacts = {k: v.detach().cpu().contiguous() for k, v in result.artifacts.items()}
-    data_record = data.model_dump(exclude_none=True) if isinstance(data, DataConfig) else (
-        DataConfig(**data).model_dump(exclude_none=True) if isinstance(data, Mapping)
-        and set(data) <= set(DataConfig.model_fields) else {"in_memory_batches": describe(batches)})
-    given_base, given_experts = given_paths(base, experts, expert_set)
-    record = {**config_record, "params": params} if config_record else {
-        "base": given_base, "experts": given_experts, "method": method,
-        "params": params, "dtype": dtype, "max_shard_size": max_shard_size, "vocab_policy": expert_set.vocab_policy,
-        "head_keys": list(expert_set.extra_head_patterns), "data": data_record,
-        "engine": {"device": engine.device, "seed": engine.seed}}
-    if output is None:
-        inputs, roles = hash_inputs(expert_set)
-        return MergedModel(state, heads, head_meta, reference.config, method, params, task_extras, summary,
-                           base_folder=reference.folder, inputs=inputs, record=record, artifacts=artifacts,
-                           input_roles=roles, card_paths=card_paths)
-    with CheckpointWriter(output, inputs=expert_set.input_paths(), overwrite=overwrite,
-                          max_shard_size=max_shard_size) as writer:
-        for key, tensor in state.items():
-            writer.add_tensor(key, tensor)
+        plan, expert_set, engine = self.plan, self.expert_set, self.plan.engine
+        torch.manual_seed(engine.seed)
+        ctx = ModelContext(expert_set, self.batches, self.device, seed=engine.seed, quiet=plan.quiet)
+        algorithm = plan.method.cls(plan.params, expert_set.names)
+        started = time.perf_counter()
+        result = algorithm.merge_models(ctx)
+        missing = [key for key in expert_set.report.merge_keys if key not in result.params]
+        if missing:
+            raise RuntimeError(f"method {plan.name!r} returned no merged tensor for {missing[:5]}")
+        if not getattr(algorithm, "merges_running_statistics", False):
+            result.params.update(experts_mean_statistics(ctx, result.params))   # see layermerge.norm_stats
+        summary = {**result.stats, "seconds": round(time.perf_counter() - started, 3),
+                   "data": describe(self.batches)}
+        if result.task_params:
+            summary["task_extras"] = TASK_EXTRAS_REPLACE
+        reference, ref_prefix, out_dtype = expert_set.reference, expert_set.reference_prefix, plan.dtype
+
+        def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to("cpu", out_dtype or reference.dtype(ref_prefix + key)).contiguous()
+
+        for key in expert_set.report.merge_keys:
+            writer.add_tensor(key, cast(key, result.params[key]))
+        artifacts = {k: v.detach().cpu().contiguous() for k, v in result.artifacts.items()}
         if artifacts:
-            writer.write_state_dict(method, artifacts, prefix="artifacts")
-        inputs, roles = hash_inputs(expert_set)
-        _write_side_files(writer, heads, head_meta, task_extras, reference.config, reference.folder, method, params,
-                          summary, inputs, roles, card_paths)
-        writer.write_text("layermerge.yaml", yaml.safe_dump(record, sort_keys=False))
-    return MergedModel(None, heads, head_meta, reference.config, method, params, summary=summary,
-                       path=Path(output).resolve(), base_folder=reference.folder)
+            writer.write_state_dict(plan.name, artifacts, prefix="artifacts")
+        for task, tensors in result.task_params.items():
+            if tensors:
+                writer.write_state_dict(f"task_extras/{task}", {key: cast(key, t) for key, t in tensors.items()})
+        engine_record = {"device": engine.device, "seed": engine.seed}
+        return Outcome(summary, {"data": data_record(plan.data, self.batches), "engine": engine_record})
 
 
-__all__ = ["ModelContext", "ModelMergeResult", "final_linear", "load_expert_model", "merge_with_models"]
+__all__ = ["ModelContext", "ModelMergeResult", "ModelStrategy", "final_linear", "load_expert_model"]
