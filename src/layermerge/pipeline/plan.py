@@ -151,6 +151,9 @@ def make_plan(base, experts, method: str, *, output=None, overwrite: bool = Fals
                               "data-driven method such as prodistill")
     else:
         engine = engine_config({k: options.pop(k) for k in ENGINE_OPTIONS if k in options})
+    if template is not None and info.kind != "block":
+        raise ConfigError(f"template= is for block methods (prodistill, distillmerge, regmean); {method!r} "
+                          f"is a {info.kind!r} method and builds no template")
     params = validate_params(info, options)
     resolve_dtype(dtype)
     return MergePlan(info, params, base, experts, vocab_policy, tuple(head_keys or ()), data, engine, template,
