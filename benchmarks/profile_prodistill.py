@@ -1,0 +1,428 @@
+"""ProDistill: an account of the time of one real merge (issue 15, part 1).
+
+    .venv/bin/python benchmarks/profile_prodistill.py --cache /tmp/demo_run/cache --threads 1 \
+        --json benchmarks/results/profile_prodistill.json
+
+What it does:
+
+1. Finds the demo's base (all-MiniLM-L6-v2, prepared by ``layermerge.demo.prepare_base``) and its
+   three experts under ``--cache`` with layermerge's own functions (``finetune`` with the demo's
+   settings: it returns at once when the expert is cached, and fine-tunes it otherwise).
+2. Runs ONE ``layermerge.merge(base, experts, "prodistill", data=..., device="cpu")`` with the demo's
+   settings (16 shots per task, max length 64, seed 0, 20 epochs per block) into a temporary folder,
+   with library functions wrapped by monkeypatching (no library code is edited): every wrapper adds
+   its *exclusive* ``time.perf_counter`` time (nested wrapped calls are subtracted) to one category.
+3. Splits the merge's wall time into those categories; "rest" is the wall time no wrapper saw
+   (Python overhead of the loops, autograd bookkeeping outside backward, pipeline glue).
+4. Counts the matmul FLOPs of block training (per token of one BERT layer: Q,K,V,O 4·2·h², FFN
+   2·2·h·i, attention scores and values 2·2·n·h; ×3 for forward + backward) over every training
+   forward, and compares the FLOP/s with a plain ``torch.mm`` of the block's shapes measured in the
+   same process, with the same thread count.
+5. Reports the padding share of the few-shot batches (attention-mask zeros / positions) and the
+   share of the training FLOPs spent on padding positions.
+
+Prints a table; ``--json PATH`` adds this run to PATH (one entry per thread count, others kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------- exclusive timers
+class Profiler:
+    """Exclusive time per category: a wrapped call's time minus the time of wrapped calls inside it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.spans: dict[str, float] = {}        # inclusive spans (not part of the split)
+        self._stack: list[list[float]] = []      # per open call: [child seconds]
+        self.active = False
+        self.region = "pipeline"                 # pipeline → engine → fit: where the time was spent
+        self.by_region: dict[str, dict[str, float]] = {}
+
+    def wrap(self, category: str, function):
+        profiler = self
+
+        def wrapper(*args, **kwargs):
+            if not profiler.active:
+                return function(*args, **kwargs)
+            frame = [0.0]
+            profiler._stack.append(frame)
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                profiler._stack.pop()
+                profiler.seconds[category] = profiler.seconds.get(category, 0.0) + elapsed - frame[0]
+                region = profiler.by_region.setdefault(profiler.region, {})
+                region[category] = region.get(category, 0.0) + elapsed - frame[0]
+                profiler.calls[category] = profiler.calls.get(category, 0) + 1
+                if profiler._stack:
+                    profiler._stack[-1][0] += elapsed
+
+        wrapper.__wrapped__ = function
+        return wrapper
+
+    def span(self, name: str, function, region: str | None = None):
+        """Inclusive time of ``function`` (for denominators), invisible to the exclusive split; with
+        ``region``, the wrapped calls' categories are also booked under that region."""
+        profiler = self
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            outer = profiler.region
+            if region is not None:
+                profiler.region = region
+            try:
+                return function(*args, **kwargs)
+            finally:
+                profiler.region = outer
+                profiler.spans[name] = profiler.spans.get(name, 0.0) + time.perf_counter() - started
+
+        return wrapper
+
+
+def patch(owner, name: str, replacement) -> None:
+    setattr(owner, name, replacement)
+
+
+# --------------------------------------------------------------------- FLOP counting
+def layer_flops(tokens: int, seq: int, hidden: int, intermediate: int) -> float:
+    """Forward matmul FLOPs of one BERT layer for ``tokens`` positions of sequences of length ``seq``."""
+    return tokens * (4 * 2 * hidden * hidden + 2 * 2 * hidden * intermediate + 2 * 2 * seq * hidden)
+
+
+class FlopCounter:
+    def __init__(self, hidden: int, intermediate: int):
+        self.hidden, self.intermediate = hidden, intermediate
+        self.train_flops = 0.0           # forward + backward (×3), padded positions included
+        self.train_flops_real = 0.0      # the same on the real (unpadded) tokens only
+        self.train_tokens = 0
+        self.train_real_tokens = 0
+        self.train_forwards = 0
+        self.shapes: dict[str, int] = {}
+
+
+def real_lengths(mask: torch.Tensor | None, batch: int, seq: int) -> list[int]:
+    if mask is None:
+        return [seq] * batch
+    return [int(v) for v in mask.reshape(batch, -1).sum(1).tolist()]
+
+
+# --------------------------------------------------------------------- matmul peak
+def matmul_peak(tokens: int, hidden: int, intermediate: int, seconds: float = 1.5) -> dict:
+    """Best and median GFLOP/s of plain float32 torch.mm of the block's shapes."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for label, (m, k, n) in {"tokens_x_h @ h_x_i": (tokens, hidden, intermediate),
+                             "tokens_x_h @ h_x_h": (tokens, hidden, hidden),
+                             "tokens_x_i @ i_x_h": (tokens, intermediate, hidden)}.items():
+        a = torch.randn(m, k, generator=generator)
+        b = torch.randn(k, n, generator=generator)
+        for _ in range(3):
+            torch.mm(a, b)
+        rates = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(rates) < 5:
+            started = time.perf_counter()
+            torch.mm(a, b)
+            rates.append(2 * m * k * n / (time.perf_counter() - started))
+        rates.sort()
+        out[label] = {"shape": [m, k, n], "best_gflops": round(rates[-1] / 1e9, 2),
+                      "median_gflops": round(rates[len(rates) // 2] / 1e9, 2), "runs": len(rates)}
+    return out
+
+
+# --------------------------------------------------------------------- inputs
+def demo_inputs(cache: Path, quiet: bool) -> tuple[Path, dict[str, Path], object]:
+    """The demo's prepared base and experts (fine-tuned and cached by layermerge when absent)."""
+    from layermerge.demo import DemoConfig, minilm_path, prepare_base
+    from layermerge.finetune import cache_root, find_cached_expert, finetune
+
+    config = DemoConfig(cache_dir=cache, quiet=quiet)
+    root = cache_root(config.cache_dir)
+    base = prepare_base(minilm_path(), root)
+    experts = {}
+    for task in config.tasks:
+        found = find_cached_expert(base, task, cache_dir=root, settings=config.finetune_settings(),
+                                   data_dir=config.data_dir)
+        if found is None:
+            print(f"fine-tuning the {task} expert (cached afterwards)", flush=True)
+            found = finetune(base, task, cache_dir=root, settings=config.finetune_settings(),
+                             data_dir=config.data_dir, quiet=quiet)
+        experts[task] = found.path
+    return base, experts, config
+
+
+# --------------------------------------------------------------------- the run
+CATEGORIES = [
+    ("block_forward", "merged block forward (training, grad on)"),
+    ("block_forward_eval", "merged block forward (final loss, no grad)"),
+    ("loss", "squared error (forward of the loss)"),
+    ("backward", "backward (loss.backward)"),
+    ("weights", "building W(λ) (MergingCoefficients.weights)"),
+    ("coefficients_init", "task vectors + λ init (MergingCoefficients.__init__)"),
+    ("optimizer", "optimiser (Adam.step + zero_grad)"),
+    ("expert_targets", "experts' targets (engine _expert_outputs)"),
+    ("capture", "stream capture (embeddings → first block inputs)"),
+    ("push", "stream push z_m/z_i (engine _push)"),
+    ("moving", "moving cached activations (cache get/put/rename, .to)"),
+    ("load_weights", "reading block weights (_block_params)"),
+    ("few_shot_data", "few-shot data (sampling + tokenising)"),
+]
+
+
+def install(profiler: Profiler, flops: FlopCounter, holder: dict) -> None:
+    import layermerge.engine.context as context
+    import layermerge.engine.driver as driver
+    import layermerge.methods.coefficients as coefficients
+    import layermerge.methods.prodistill as prodistill
+    import layermerge.pipeline.strategies.blockwise as blockwise
+    from layermerge.engine.cache import ActivationCache
+
+    w = profiler.wrap
+    # block forward: BlockContext.run → context.call_block (the driver's own call_block import is the
+    # engine's stream work, timed under expert_targets / push)
+    original_call_block = context.call_block
+    timed_forward = w("block_forward", original_call_block)
+    timed_eval = w("block_forward_eval", original_call_block)
+
+    def call_block(block, params, hidden, extra, dtype=None):
+        if not torch.is_grad_enabled():
+            return timed_eval(block, params, hidden, extra, dtype)
+        batch, seq = hidden.shape[0], hidden.shape[1]
+        flops.train_forwards += 1
+        key = f"{batch}x{seq}"
+        flops.shapes[key] = flops.shapes.get(key, 0) + 1
+        flops.train_tokens += batch * seq
+        flops.train_flops += 3 * layer_flops(batch * seq, seq, flops.hidden, flops.intermediate)
+        mask = holder.get("current_mask")
+        for length in real_lengths(mask, batch, seq):
+            flops.train_real_tokens += length
+            flops.train_flops_real += 3 * layer_flops(length, length, flops.hidden, flops.intermediate)
+        return timed_forward(block, params, hidden, extra, dtype)
+
+    patch(context, "call_block", call_block)
+
+    # the loss: remember the mask of the batch whose forward comes next (token_mask is called after
+    # run in _error, so take it from the streams by ref instead)
+    original_run = context.BlockContext.run
+
+    def run(self, params, hidden, ref, stream="merged"):
+        holder["current_mask"] = self._streams.masks.get((ref.task, ref.batch))
+        return original_run(self, params, hidden, ref, stream)
+
+    patch(context.BlockContext, "run", run)
+    patch(prodistill, "squared_error", w("loss", prodistill.squared_error))
+
+    # backward
+    patch(torch.Tensor, "backward", w("backward", torch.Tensor.backward))
+    # W(λ) and the coefficients' set-up
+    patch(coefficients.MergingCoefficients, "weights", w("weights", coefficients.MergingCoefficients.weights))
+    patch(coefficients.MergingCoefficients, "__init__",
+          w("coefficients_init", coefficients.MergingCoefficients.__init__))
+    # optimiser (patched on the class before fit creates its Adam)
+    patch(torch.optim.Adam, "step", w("optimizer", torch.optim.Adam.step))
+    patch(torch.optim.Adam, "zero_grad", w("optimizer", torch.optim.Adam.zero_grad))
+    # the engine's streams
+    patch(driver.BlockEngine, "_expert_outputs", w("expert_targets", driver.BlockEngine._expert_outputs))
+    patch(driver.BlockEngine, "capture", w("capture", driver.BlockEngine.capture))
+    patch(driver.BlockEngine, "_push", w("push", driver.BlockEngine._push))
+    patch(driver, "_block_params", w("load_weights", driver._block_params))
+    # moving cached activations
+    for name in ("get", "put", "rename"):
+        patch(ActivationCache, name, w("moving", getattr(ActivationCache, name)))
+    patch(context.StreamAccess, "_get", w("moving", context.StreamAccess._get))
+    patch(context.StreamAccess, "token_mask", w("moving", context.StreamAccess.token_mask))
+    patch(context.Streams, "extra", w("moving", context.Streams.extra))
+    patch(context.Streams, "put_extras", w("moving", context.Streams.put_extras))
+    # few-shot data
+    patch(blockwise, "build_few_shot", w("few_shot_data", blockwise.build_few_shot))
+
+    # inclusive spans: the engine, block training (merge_block), and keep the engine for its masks
+    original_init = driver.BlockEngine.__init__
+
+    def engine_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        holder["engine"] = self
+
+    patch(driver.BlockEngine, "__init__", engine_init)
+    patch(driver.BlockEngine, "run", profiler.span("engine_run", driver.BlockEngine.run, "engine"))
+    patch(prodistill.ProDistill, "merge_block", profiler.span("merge_block", prodistill.ProDistill.merge_block))
+    patch(prodistill, "fit", profiler.span("fit", prodistill.fit, "fit"))
+
+
+def padding_stats(engine) -> dict:
+    zeros = total = 0
+    per_task = {}
+    lengths = []
+    for (task, _batch), mask in engine.streams.masks.items():
+        if mask is None:
+            continue
+        z, t = int((~mask).sum()), mask.numel()
+        zeros += z
+        total += t
+        stats = per_task.setdefault(task, {"padding": 0, "positions": 0, "batches": 0, "padded_length": []})
+        stats["padding"] += z
+        stats["positions"] += t
+        stats["batches"] += 1
+        stats["padded_length"].append(int(mask.shape[1]))
+        lengths.extend(int(v) for v in mask.sum(1).tolist())
+    for stats in per_task.values():
+        stats["fraction"] = round(stats["padding"] / stats["positions"], 4) if stats["positions"] else None
+    return {"padding_positions": zeros, "positions": total,
+            "fraction": round(zeros / total, 4) if total else None, "per_task": per_task,
+            "real_length_min": min(lengths, default=None), "real_length_max": max(lengths, default=None),
+            "real_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="layermerge cache folder holding the demo's base and experts (default: "
+                             "$LAYERMERGE_CACHE or .cache/layermerge; missing experts are fine-tuned there)")
+    parser.add_argument("--shots", type=int, default=None, help="few-shot examples per task (default: the demo's 16)")
+    parser.add_argument("--epochs", type=int, default=None, help="ProDistill epochs per block (default: the demo's 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--json", type=Path, default=None, help="add this run to a JSON file (keyed by threads)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    from layermerge import merge
+    from layermerge.demo import few_shot_data
+
+    base, experts, config = demo_inputs(args.cache, quiet=True)
+    if args.shots is not None:
+        config.shots = args.shots
+    params = dict(config.method_params.get("prodistill", {}))
+    if args.epochs is not None:
+        params["epochs"] = args.epochs
+    data = few_shot_data(config)
+
+    from transformers import AutoConfig
+    model_config = AutoConfig.from_pretrained(base)
+    hidden, intermediate = model_config.hidden_size, model_config.intermediate_size
+
+    profiler = Profiler()
+    flops = FlopCounter(hidden, intermediate)
+    holder: dict = {}
+    install(profiler, flops, holder)
+
+    with tempfile.TemporaryDirectory(prefix="profile-prodistill-") as scratch:
+        profiler.active = True
+        started = time.perf_counter()
+        merge(base, experts, "prodistill", data=data, output=Path(scratch) / "merged", device="cpu",
+              quiet=True, seed=config.seed, **params)
+        wall = time.perf_counter() - started
+        profiler.active = False
+    load_after = os.getloadavg()
+
+    measured = sum(profiler.seconds.values())
+    rows = [(key, label, profiler.seconds.get(key, 0.0), profiler.calls.get(key, 0)) for key, label in CATEGORIES]
+    rows.append(("rest", "rest (Python overhead, autograd glue, pipeline I/O)", wall - measured, 0))
+
+    # the rest by region: fit (the Adam loop), engine outside fit, pipeline outside the engine
+    fit_total = profiler.spans.get("fit", 0.0)
+    engine_total = profiler.spans.get("engine_run", 0.0)
+    region_wall = {"fit": fit_total, "engine": engine_total - fit_total, "pipeline": wall - engine_total}
+    regions = {name: {"wall": round(total, 3),
+                      "measured": {k: round(v, 3) for k, v in profiler.by_region.get(name, {}).items()},
+                      "rest": round(total - sum(profiler.by_region.get(name, {}).values()), 3)}
+               for name, total in region_wall.items()}
+
+    padding = padding_stats(holder["engine"])
+    steps = profiler.calls.get("optimizer", 0) // 2
+    tokens_per_step = flops.train_tokens / max(1, steps)
+    train_seconds = profiler.seconds.get("block_forward", 0.0) + profiler.seconds.get("backward", 0.0)
+    fit_seconds = profiler.spans.get("fit", 0.0)
+    peak = matmul_peak(max(1, round(tokens_per_step)), hidden, intermediate)
+    # the layer's matmul mix: FFN (h×i and i×h) and the projections (h×h), weighted by FLOPs
+    mix = {"tokens_x_h @ h_x_i": 2, "tokens_x_i @ i_x_h": 2, "tokens_x_h @ h_x_h": 4 * hidden / intermediate}
+    seconds_per_flop = sum(weight / (peak[k]["best_gflops"] * 1e9) for k, weight in mix.items()) / sum(mix.values())
+    peak_gflops = 1 / seconds_per_flop / 1e9
+    achieved_fwd_bwd = flops.train_flops / train_seconds / 1e9 if train_seconds else None
+    achieved_fit = flops.train_flops / fit_seconds / 1e9 if fit_seconds else None
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/profile_prodistill.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in load_after],
+        "settings": {"shots": config.shots, "max_length": config.max_length, "seed": config.seed,
+                     "tasks": list(experts), "prodistill": params, "data": data},
+        "model": {"hidden": hidden, "intermediate": intermediate, "layers": model_config.num_hidden_layers},
+        "wall_seconds": round(wall, 3),
+        "spans": {k: round(v, 3) for k, v in profiler.spans.items()},
+        "regions": regions,
+        "categories": {key: {"label": label, "seconds": round(sec, 3), "share": round(sec / wall, 4),
+                             "calls": calls} for key, label, sec, calls in rows},
+        "padding": padding,
+        "training": {"steps": steps, "forwards": flops.train_forwards, "tokens": flops.train_tokens,
+                     "real_tokens": flops.train_real_tokens, "tokens_per_step": round(tokens_per_step, 1),
+                     "forward_shapes": flops.shapes,
+                     "flops": flops.train_flops, "flops_on_real_tokens": flops.train_flops_real,
+                     "flop_share_on_padding": round(1 - flops.train_flops_real / flops.train_flops, 4)
+                     if flops.train_flops else None,
+                     "forward_backward_seconds": round(train_seconds, 3), "fit_seconds": round(fit_seconds, 3),
+                     "achieved_gflops_forward_backward": round(achieved_fwd_bwd, 2) if achieved_fwd_bwd else None,
+                     "achieved_gflops_fit": round(achieved_fit, 2) if achieved_fit else None},
+        "matmul_peak": {"per_shape": peak, "layer_mix_gflops": round(peak_gflops, 2)},
+        "ratio_to_peak": {"forward_backward": round(achieved_fwd_bwd / peak_gflops, 4) if achieved_fwd_bwd else None,
+                          "fit": round(achieved_fit / peak_gflops, 4) if achieved_fit else None},
+    }
+
+    print(f"ProDistill merge, {args.threads} thread(s): wall {wall:.2f} s  (load avg before "
+          f"{load_before[0]:.2f}, after {load_after[0]:.2f})")
+    print(f"{'category':<58} {'s':>8} {'share':>7} {'calls':>7}")
+    for _key, label, sec, calls in rows:
+        print(f"{label:<58} {sec:8.2f} {100 * sec / wall:6.1f}% {calls:7d}")
+    print(f"{'total':<58} {wall:8.2f} {100.0:6.1f}%")
+    print(f"spans: engine {profiler.spans.get('engine_run', 0):.2f} s, merge_block "
+          f"{profiler.spans.get('merge_block', 0):.2f} s, fit {fit_seconds:.2f} s")
+    print("rest by region: " + ", ".join(f"{name} {entry['rest']:.2f} s of {entry['wall']:.2f} s"
+                                         for name, entry in regions.items()))
+    print(f"padding: {padding['fraction']:.1%} of positions ({padding['padding_positions']}/{padding['positions']}); "
+          f"{result['training']['flop_share_on_padding']:.1%} of training FLOPs on padding")
+    print(f"training: {steps} steps, {flops.train_tokens} tokens ({tokens_per_step:.0f}/step), "
+          f"{flops.train_flops / 1e12:.3f} TFLOP")
+    print(f"achieved: {achieved_fwd_bwd:.1f} GFLOP/s over forward+backward, {achieved_fit:.1f} GFLOP/s over fit; "
+          f"torch.mm peak (layer mix) {peak_gflops:.1f} GFLOP/s → {achieved_fwd_bwd / peak_gflops:.1%} / "
+          f"{achieved_fit / peak_gflops:.1%}")
+    for label, entry in peak.items():
+        print(f"  mm {label} {entry['shape']}: best {entry['best_gflops']} median {entry['median_gflops']} GFLOP/s")
+
+    if args.json is not None:
+        existing = {}
+        if args.json.is_file():
+            try:
+                existing = json.loads(args.json.read_text())
+            except ValueError:
+                existing = {}
+        runs = existing.get("runs", {}) if isinstance(existing, dict) else {}
+        runs[f"threads_{args.threads}"] = result
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"benchmark": "profile_prodistill", "runs": runs}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
