@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from layermerge.errors import ConfigError, LayermergeError
 from layermerge.fewshot import DataConfig
-from layermerge.io.paths import missing_path_message
+from layermerge.io.paths import missing_path_message, relative_to_config
 from layermerge.io.writer import parse_size
 from layermerge.methods.registry import available_methods, get_method, validate_params
 from layermerge.names import expert_name_problem
@@ -82,10 +82,7 @@ class MergeConfig(BaseModel):
 
     def resolve_paths(self, relative_to: Path) -> MergeConfig:
         def fix(path: str | None) -> str | None:
-            if path is None:
-                return None
-            candidate = Path(path).expanduser()
-            return str(candidate if candidate.is_absolute() else (relative_to / candidate).resolve())
+            return relative_to_config(path, relative_to)
 
         return self.model_copy(update={
             "base": fix(self.base), "experts": {k: fix(v) for k, v in self.experts.items()},

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from layermerge.data.models import check_length, position_limit, tokenizer_misfit
 from layermerge.errors import ConfigError, DataError
+from layermerge.io.paths import relative_to_config
 
 LABEL_KEYS = ("labels", "label")
 
@@ -59,10 +60,7 @@ class DataConfig(BaseModel):
 
     def resolve_paths(self, relative_to: Path) -> DataConfig:
         def fix(path: str | None) -> str | None:
-            if path is None:
-                return None
-            candidate = Path(path).expanduser()
-            return str(candidate if candidate.is_absolute() else (relative_to / candidate).resolve())
+            return relative_to_config(path, relative_to)
 
         return self.model_copy(update={"data_dir": fix(self.data_dir), "tokenizer": fix(self.tokenizer)})
 

@@ -30,3 +30,11 @@ def missing_path_message(what: str, path: Path) -> str:
     if reason is None:
         return f"{what} not found: {path}"
     return f"{what} {path} cannot be opened: {reason}; point it at a real file or folder"
+
+
+def relative_to_config(path: str | None, config_folder: Path) -> str | None:
+    """A path from a config file, made absolute: relative paths are relative to the config's folder."""
+    if path is None:
+        return None
+    candidate = Path(path).expanduser()
+    return str(candidate if candidate.is_absolute() else (config_folder / candidate).resolve())

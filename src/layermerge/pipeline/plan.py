@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layermerge.errors import ConfigError, LayermergeError
+from layermerge.io.paths import relative_to_config
 from layermerge.io.writer import parse_size
 from layermerge.methods.registry import MethodInfo, get_method, validate_params
 from layermerge.model_card import CARD_PATHS
@@ -78,10 +79,7 @@ class EngineConfig(BaseModel):
 
     def resolve_paths(self, relative_to: Path) -> EngineConfig:
         def fix(path: str | None) -> str | None:
-            if path is None:
-                return None
-            candidate = Path(path).expanduser()
-            return str(candidate if candidate.is_absolute() else (relative_to / candidate).resolve())
+            return relative_to_config(path, relative_to)
 
         return self.model_copy(update={"spill_dir": fix(self.spill_dir), "checkpoint_dir": fix(self.checkpoint_dir)})
 
