@@ -21,7 +21,18 @@ What it does:
 5. Reports the padding share of the few-shot batches (attention-mask zeros / positions) and the
    share of the training FLOPs spent on padding positions.
 
-Prints a table; ``--json PATH`` adds this run to PATH (one entry per thread count, others kept).
+``--method distillmerge`` or ``--method regmean`` gives the same account of the other two
+data-driven methods on the same inputs (issue 15 asks for all three), with each method's own defaults
+(``--epochs`` lowers DistillMerge's 50). DistillMerge trains every block's λ at once through
+``merge_network`` / ``NetworkContext.run_network`` (the same categories; its forward FLOPs count every
+block of every step). RegMean has no training: its expert forwards run under no grad with forward
+pre-hooks that accumulate the Gram matrices ("Gram accumulation": the hooks' masking and ``addmm_``),
+then per block the normal equations are combined (G̃, G̃Wᵢ, sums) and solved by Cholesky
+(``_solve``), and the other tensors averaged; its FLOP/s compares the expert forwards + Gram matmuls
+with the same ``torch.mm`` peak. Categories that do not apply show 0.
+
+Prints a table; ``--json PATH`` adds this run to PATH (one entry per method and thread count, others
+kept: ProDistill's under ``threads_N``, the others under ``METHOD_threads_N``).
 """
 
 from __future__ import annotations
@@ -116,6 +127,11 @@ class FlopCounter:
         self.train_real_tokens = 0
         self.train_forwards = 0
         self.shapes: dict[str, int] = {}
+        self.eval_flops = 0.0            # no-grad block forwards (final loss, RegMean's expert passes)
+        self.eval_tokens = 0
+        self.eval_forwards = 0
+        self.gram_flops = 0.0            # RegMean: 2·rows·in² per XᵀX addmm_ (real tokens only)
+        self.gram_calls = 0
 
 
 def real_lengths(mask: torch.Tensor | None, batch: int, seq: int) -> list[int]:
@@ -185,13 +201,33 @@ CATEGORIES = [
     ("load_weights", "reading block weights (_block_params)"),
     ("few_shot_data", "few-shot data (sampling + tokenising)"),
 ]
+# RegMean only (zero for the others, so left out of their tables)
+REGMEAN_CATEGORIES = [
+    ("gram", "Gram accumulation (hooks: mask rows, XᵀX addmm_)"),
+    ("gram_combine", "normal equations (G̃ = αG + (1−α)diag G, G̃Wᵢ, sums)"),
+    ("solve", "Cholesky solve + objective (RegMean._solve)"),
+    ("other_tensors", "averaging the other tensors (biases, norms)"),
+]
+# labels that read differently for a method (same keys, same meaning in the split)
+LABELS = {
+    "distillmerge": {"block_forward": "merged block forward (training, grad on; all blocks per step)",
+                     "expert_targets": "experts' outputs pushed through every block (engine)"},
+    "regmean": {"block_forward_eval": "experts' block forward (no grad; the Gram hooks excluded)"},
+}
 
 
-def install(profiler: Profiler, flops: FlopCounter, holder: dict) -> None:
+def categories(method: str) -> list[tuple[str, str]]:
+    rows = CATEGORIES + (REGMEAN_CATEGORIES if method == "regmean" else [])
+    return [(key, LABELS.get(method, {}).get(key, label)) for key, label in rows]
+
+
+def install(profiler: Profiler, flops: FlopCounter, holder: dict, method: str = "prodistill") -> None:
     import layermerge.engine.context as context
     import layermerge.engine.driver as driver
     import layermerge.methods.coefficients as coefficients
+    import layermerge.methods.distillmerge as distillmerge
     import layermerge.methods.prodistill as prodistill
+    import layermerge.methods.regmean as regmean
     import layermerge.pipeline.strategies.blockwise as blockwise
     from layermerge.engine.cache import ActivationCache
 
@@ -204,6 +240,10 @@ def install(profiler: Profiler, flops: FlopCounter, holder: dict) -> None:
 
     def call_block(block, params, hidden, extra, dtype=None):
         if not torch.is_grad_enabled():
+            batch, seq = hidden.shape[0], hidden.shape[1]
+            flops.eval_forwards += 1
+            flops.eval_tokens += batch * seq
+            flops.eval_flops += layer_flops(batch * seq, seq, flops.hidden, flops.intermediate)
             return timed_eval(block, params, hidden, extra, dtype)
         batch, seq = hidden.shape[0], hidden.shape[1]
         flops.train_forwards += 1
@@ -228,7 +268,15 @@ def install(profiler: Profiler, flops: FlopCounter, holder: dict) -> None:
         return original_run(self, params, hidden, ref, stream)
 
     patch(context.BlockContext, "run", run)
+    original_run_network = context.NetworkContext.run_network
+
+    def run_network(self, params, ref):
+        holder["current_mask"] = self._streams.masks.get((ref.task, ref.batch))
+        return original_run_network(self, params, ref)
+
+    patch(context.NetworkContext, "run_network", run_network)
     patch(prodistill, "squared_error", w("loss", prodistill.squared_error))
+    patch(distillmerge, "squared_error", w("loss", distillmerge.squared_error))
 
     # backward
     patch(torch.Tensor, "backward", w("backward", torch.Tensor.backward))
@@ -265,6 +313,47 @@ def install(profiler: Profiler, flops: FlopCounter, holder: dict) -> None:
     patch(driver.BlockEngine, "run", profiler.span("engine_run", driver.BlockEngine.run, "engine"))
     patch(prodistill.ProDistill, "merge_block", profiler.span("merge_block", prodistill.ProDistill.merge_block))
     patch(prodistill, "fit", profiler.span("fit", prodistill.fit, "fit"))
+    patch(distillmerge.DistillMerge, "merge_network",
+          profiler.span("merge_block", distillmerge.DistillMerge.merge_network))
+    patch(distillmerge, "fit", profiler.span("fit", distillmerge.fit, "fit"))
+
+    # RegMean: the Gram hooks (registered inside _task_grams; wrapped while it runs), the per-task
+    # combination in merge_block, the solve and the averaged other tensors
+    if method == "regmean":
+        from torch import nn
+
+        timed_task_grams = w("gram", regmean.RegMean._task_grams)
+        original_register = nn.Module.register_forward_pre_hook
+
+        def register_forward_pre_hook(self, hook, *args, **kwargs):
+            if holder.get("in_task_grams"):
+                timed = w("gram", hook)
+
+                def counted(module, inputs):
+                    x = inputs[0]
+                    mask = holder.get("current_mask")
+                    rows = int(mask.sum()) if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) \
+                        else x.numel() // x.shape[-1]
+                    flops.gram_flops += 2 * rows * x.shape[-1] ** 2
+                    flops.gram_calls += 1
+                    return timed(module, inputs)
+
+                hook = counted
+            return original_register(self, hook, *args, **kwargs)
+
+        def task_grams(self, *args, **kwargs):
+            holder["in_task_grams"] = True
+            try:
+                return timed_task_grams(self, *args, **kwargs)
+            finally:
+                holder["in_task_grams"] = False
+
+        patch(nn.Module, "register_forward_pre_hook", register_forward_pre_hook)
+        patch(regmean.RegMean, "_task_grams", task_grams)
+        patch(regmean.RegMean, "merge_block",
+              profiler.span("merge_block", w("gram_combine", regmean.RegMean.merge_block)))
+        patch(regmean.RegMean, "_solve", w("solve", regmean.RegMean._solve))
+        patch(regmean.RegMean, "_other", w("other_tensors", regmean.RegMean._other))
 
 
 def padding_stats(engine) -> dict:
@@ -298,7 +387,10 @@ def main(argv=None) -> int:
                         help="layermerge cache folder holding the demo's base and experts (default: "
                              "$LAYERMERGE_CACHE or .cache/layermerge; missing experts are fine-tuned there)")
     parser.add_argument("--shots", type=int, default=None, help="few-shot examples per task (default: the demo's 16)")
-    parser.add_argument("--epochs", type=int, default=None, help="ProDistill epochs per block (default: the demo's 20)")
+    parser.add_argument("--method", choices=("prodistill", "distillmerge", "regmean"), default="prodistill",
+                        help="which data-driven merge to profile (default prodistill)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs (ProDistill: per block, default the demo's 20; DistillMerge: its default 50)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="add this run to a JSON file (keyed by threads)")
     args = parser.parse_args(argv)
@@ -311,8 +403,11 @@ def main(argv=None) -> int:
     base, experts, config = demo_inputs(args.cache, quiet=True)
     if args.shots is not None:
         config.shots = args.shots
-    params = dict(config.method_params.get("prodistill", {}))
+    method = args.method
+    params = dict(config.method_params.get(method, {}))
     if args.epochs is not None:
+        if method == "regmean":
+            parser.error("--epochs does not apply to regmean")
         params["epochs"] = args.epochs
     data = few_shot_data(config)
 
@@ -323,19 +418,20 @@ def main(argv=None) -> int:
     profiler = Profiler()
     flops = FlopCounter(hidden, intermediate)
     holder: dict = {}
-    install(profiler, flops, holder)
+    install(profiler, flops, holder, method)
 
-    with tempfile.TemporaryDirectory(prefix="profile-prodistill-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"profile-{method}-") as scratch:
         profiler.active = True
         started = time.perf_counter()
-        merge(base, experts, "prodistill", data=data, output=Path(scratch) / "merged", device="cpu",
+        merge(base, experts, method, data=data, output=Path(scratch) / "merged", device="cpu",
               quiet=True, seed=config.seed, **params)
         wall = time.perf_counter() - started
         profiler.active = False
     load_after = os.getloadavg()
 
     measured = sum(profiler.seconds.values())
-    rows = [(key, label, profiler.seconds.get(key, 0.0), profiler.calls.get(key, 0)) for key, label in CATEGORIES]
+    rows = [(key, label, profiler.seconds.get(key, 0.0), profiler.calls.get(key, 0))
+            for key, label in categories(method)]
     rows.append(("rest", "rest (Python overhead, autograd glue, pipeline I/O)", wall - measured, 0))
 
     # the rest by region: fit (the Adam loop), engine outside fit, pipeline outside the engine
@@ -352,13 +448,23 @@ def main(argv=None) -> int:
     tokens_per_step = flops.train_tokens / max(1, steps)
     train_seconds = profiler.seconds.get("block_forward", 0.0) + profiler.seconds.get("backward", 0.0)
     fit_seconds = profiler.spans.get("fit", 0.0)
-    peak = matmul_peak(max(1, round(tokens_per_step)), hidden, intermediate)
+    # the torch.mm shapes: the tokens of one block forward (one per step for ProDistill; DistillMerge
+    # runs every block per step, RegMean only no-grad forwards)
+    if flops.train_forwards:
+        tokens_per_forward = flops.train_tokens / flops.train_forwards
+    else:
+        tokens_per_forward = flops.eval_tokens / max(1, flops.eval_forwards)
+    peak = matmul_peak(max(1, round(tokens_per_forward)), hidden, intermediate)
     # the layer's matmul mix: FFN (h×i and i×h) and the projections (h×h), weighted by FLOPs
     mix = {"tokens_x_h @ h_x_i": 2, "tokens_x_i @ i_x_h": 2, "tokens_x_h @ h_x_h": 4 * hidden / intermediate}
     seconds_per_flop = sum(weight / (peak[k]["best_gflops"] * 1e9) for k, weight in mix.items()) / sum(mix.values())
     peak_gflops = 1 / seconds_per_flop / 1e9
     achieved_fwd_bwd = flops.train_flops / train_seconds / 1e9 if train_seconds else None
     achieved_fit = flops.train_flops / fit_seconds / 1e9 if fit_seconds else None
+    # RegMean: the expert forwards (no grad, hooks excluded) and the Gram matmuls, over their own time
+    gram_work_seconds = profiler.seconds.get("block_forward_eval", 0.0) + profiler.seconds.get("gram", 0.0)
+    gram_work_flops = flops.eval_flops + flops.gram_flops
+    achieved_gram = gram_work_flops / gram_work_seconds / 1e9 if method == "regmean" and gram_work_seconds else None
 
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -367,7 +473,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in load_after],
         "settings": {"shots": config.shots, "max_length": config.max_length, "seed": config.seed,
-                     "tasks": list(experts), "prodistill": params, "data": data},
+                     "tasks": list(experts), method: params, "data": data},
         "model": {"hidden": hidden, "intermediate": intermediate, "layers": model_config.num_hidden_layers},
         "wall_seconds": round(wall, 3),
         "spans": {k: round(v, 3) for k, v in profiler.spans.items()},
@@ -388,8 +494,21 @@ def main(argv=None) -> int:
         "ratio_to_peak": {"forward_backward": round(achieved_fwd_bwd / peak_gflops, 4) if achieved_fwd_bwd else None,
                           "fit": round(achieved_fit / peak_gflops, 4) if achieved_fit else None},
     }
+    if method != "prodistill":
+        result["method"] = method
+        result["no_grad_forwards"] = {"forwards": flops.eval_forwards, "tokens": flops.eval_tokens,
+                                      "flops": flops.eval_flops,
+                                      "seconds": round(profiler.seconds.get("block_forward_eval", 0.0), 3)}
+        result["training"]["tokens_per_forward"] = round(tokens_per_forward, 1)
+    if method == "regmean":
+        result["gram"] = {"addmm_calls": flops.gram_calls, "flops": flops.gram_flops,
+                          "forward_plus_gram_flops": gram_work_flops,
+                          "forward_plus_gram_seconds": round(gram_work_seconds, 3),
+                          "achieved_gflops": round(achieved_gram, 2) if achieved_gram else None,
+                          "ratio_to_peak": round(achieved_gram / peak_gflops, 4) if achieved_gram else None}
 
-    print(f"ProDistill merge, {args.threads} thread(s): wall {wall:.2f} s  (load avg before "
+    title = {"prodistill": "ProDistill", "distillmerge": "DistillMerge", "regmean": "RegMean"}[method]
+    print(f"{title} merge, {args.threads} thread(s): wall {wall:.2f} s  (load avg before "
           f"{load_before[0]:.2f}, after {load_after[0]:.2f})")
     print(f"{'category':<58} {'s':>8} {'share':>7} {'calls':>7}")
     for _key, label, sec, calls in rows:
@@ -399,13 +518,20 @@ def main(argv=None) -> int:
           f"{profiler.spans.get('merge_block', 0):.2f} s, fit {fit_seconds:.2f} s")
     print("rest by region: " + ", ".join(f"{name} {entry['rest']:.2f} s of {entry['wall']:.2f} s"
                                          for name, entry in regions.items()))
-    print(f"padding: {padding['fraction']:.1%} of positions ({padding['padding_positions']}/{padding['positions']}); "
-          f"{result['training']['flop_share_on_padding']:.1%} of training FLOPs on padding")
-    print(f"training: {steps} steps, {flops.train_tokens} tokens ({tokens_per_step:.0f}/step), "
-          f"{flops.train_flops / 1e12:.3f} TFLOP")
-    print(f"achieved: {achieved_fwd_bwd:.1f} GFLOP/s over forward+backward, {achieved_fit:.1f} GFLOP/s over fit; "
-          f"torch.mm peak (layer mix) {peak_gflops:.1f} GFLOP/s → {achieved_fwd_bwd / peak_gflops:.1%} / "
-          f"{achieved_fit / peak_gflops:.1%}")
+    on_padding = result["training"]["flop_share_on_padding"]
+    print(f"padding: {padding['fraction']:.1%} of positions ({padding['padding_positions']}/{padding['positions']})"
+          + (f"; {on_padding:.1%} of training FLOPs on padding" if on_padding is not None else ""))
+    if achieved_fwd_bwd and achieved_fit:
+        print(f"training: {steps} steps, {flops.train_forwards} block forwards, {flops.train_tokens} tokens "
+              f"({tokens_per_step:.0f}/step), {flops.train_flops / 1e12:.3f} TFLOP")
+        print(f"achieved: {achieved_fwd_bwd:.1f} GFLOP/s over forward+backward, {achieved_fit:.1f} GFLOP/s over "
+              f"fit; torch.mm peak (layer mix) {peak_gflops:.1f} GFLOP/s → {achieved_fwd_bwd / peak_gflops:.1%} / "
+              f"{achieved_fit / peak_gflops:.1%}")
+    if achieved_gram:
+        print(f"no-grad forwards: {flops.eval_forwards}, {flops.eval_tokens} tokens, {flops.eval_flops / 1e9:.2f} "
+              f"GFLOP; Gram addmm_: {flops.gram_calls} calls, {flops.gram_flops / 1e9:.2f} GFLOP")
+        print(f"achieved: {achieved_gram:.1f} GFLOP/s over forward + Gram time; torch.mm peak (layer mix) "
+              f"{peak_gflops:.1f} GFLOP/s → {achieved_gram / peak_gflops:.1%}")
     for label, entry in peak.items():
         print(f"  mm {label} {entry['shape']}: best {entry['best_gflops']} median {entry['median_gflops']} GFLOP/s")
 
@@ -417,7 +543,8 @@ def main(argv=None) -> int:
             except ValueError:
                 existing = {}
         runs = existing.get("runs", {}) if isinstance(existing, dict) else {}
-        runs[f"threads_{args.threads}"] = result
+        key = f"threads_{args.threads}" if method == "prodistill" else f"{method}_threads_{args.threads}"
+        runs[key] = result
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"benchmark": "profile_prodistill", "runs": runs}, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -114,9 +114,16 @@ def start_paused(config: Path, output: Path, pause: str, *flags: str) -> subproc
     return process
 
 
-def send(process: subprocess.Popen, signum: int) -> tuple[int, str, str]:
+def send(process: subprocess.Popen, signum: int, timeout: float = 60) -> tuple[int, str, str]:
+    """Signal the paused merge and wait for it; one that does not stop in time fails the test and is killed
+    (a paused hook never ends by itself)."""
     process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the merge did not stop within {timeout} s of signal {signum}:\n{err[-3000:]}")
     return process.returncode, out, err
 
 
