@@ -101,6 +101,24 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
     return batches
 
 
+def few_shot_inputs(data, expert_set) -> dict:
+    """``{expert: batches}`` from what a data-driven merge was given: a DataConfig, a ``data:`` mapping
+    (built with ``build_few_shot``) or hand-built batches keyed by the experts' names (returned as given)."""
+    from pydantic import ValidationError
+
+    if data is None:
+        raise ConfigError("this method learns from a few examples per task: pass data= (a data config such as "
+                          "{'shots': 16}, or {expert: [input batches]}), or a data: section in the YAML config")
+    if isinstance(data, Mapping) and not isinstance(data, DataConfig) and not set(data) & set(expert_set.names):
+        try:                       # not keyed by expert names: it must be a data section
+            data = DataConfig(**data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"data: {problems}. Give a data section (keys: {', '.join(DataConfig.model_fields)}) "
+                              f"or input batches keyed by the experts' names {expert_set.names}") from None
+    return build_few_shot(data, expert_set) if isinstance(data, DataConfig) else data
+
+
 def check_max_length(config: DataConfig, reference) -> int | None:
     """Refuse a ``max_length`` beyond the base's position limit before any work (transformers would fail
     deep inside the first forward pass); return the limit (None: none declared)."""

@@ -10,13 +10,10 @@ one block whatever the depth. Besides the backbone the output holds the learned 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
-from torch import nn
 
 from layermerge import distributed
 from layermerge.coefficient_plot import BLOCKS_FILE, block_coefficient_stats, plot_coefficients
@@ -25,7 +22,7 @@ from layermerge.engine.context import BlockResult
 from layermerge.engine.template import build_template, checkpoint_key_map
 from layermerge.errors import ConfigError
 from layermerge.experts import ExpertSet
-from layermerge.fewshot import DataConfig, adapt_batches, build_few_shot, data_record, describe
+from layermerge.fewshot import adapt_batches, data_record, describe, few_shot_inputs
 from layermerge.pipeline.plan import cache_budget_bytes
 from layermerge.pipeline.sink import NullWriter
 from layermerge.pipeline.strategies.base import Outcome, Strategy
@@ -89,23 +86,6 @@ class OutputSink:
         return left
 
 
-def few_shot_batches(data, expert_set: ExpertSet, model: nn.Module) -> dict[str, list[dict]]:
-    """The few-shot inputs as model-input batches per expert, from a data section or hand-built batches."""
-    if data is None:
-        raise ConfigError("this method learns from a few unlabelled examples per task: pass data= (a data "
-                          "config such as {'shots': 16}, or {task: [input batches]}), or a data: section in "
-                          "the YAML config")
-    if isinstance(data, Mapping) and not isinstance(data, DataConfig) and not set(data) & set(expert_set.names):
-        try:                       # not keyed by expert names: it must be a data section
-            data = DataConfig(**data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"data: {problems}. Give a data section (keys: {', '.join(DataConfig.model_fields)}) "
-                              f"or input batches keyed by the experts' names {expert_set.names}") from None
-    batches = build_few_shot(data, expert_set) if isinstance(data, DataConfig) else data
-    return adapt_batches(model, batches)
-
-
 class BlockStrategy(Strategy):
     @contextmanager
     def session(self):
@@ -137,7 +117,7 @@ class BlockStrategy(Strategy):
             self.scaling = float(getattr(plan.params, "init", 0.3))
         self.model = build_template(expert_set, plan.template)
         self.source = ExpertSetSource(expert_set, checkpoint_key_map(self.model, expert_set.report.merge_keys))
-        self.batches = few_shot_batches(plan.data, expert_set, self.model)
+        self.batches = adapt_batches(self.model, few_shot_inputs(plan.data, expert_set))
         self.checkpoint_dir = checkpoint_folder(engine, plan.output, network)
         check_engine_folders(engine, self.checkpoint_dir, expert_set.input_paths())
         self.options = {"block_plan": engine.block_plan, "scaling": self.scaling,

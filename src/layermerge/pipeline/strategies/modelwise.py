@@ -235,21 +235,9 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
 # --------------------------------------------------------------------- the entry point
 def few_shot_with_labels(data, expert_set: ExpertSet) -> dict[str, list[dict]]:
     """{expert: [batch...]} from a ``data:`` section or hand-built batches, keeping ``labels``."""
-    from pydantic import ValidationError
+    from layermerge.fewshot import few_shot_inputs
 
-    from layermerge.fewshot import DataConfig, build_few_shot
-
-    if data is None:
-        raise ConfigError("this method learns from a few examples per task: pass data= (a data config such as "
-                          "{'shots': 16}, or {expert: [batches]}), or a data: section in the YAML config")
-    if isinstance(data, Mapping) and not isinstance(data, DataConfig) and not set(data) & set(expert_set.names):
-        try:
-            data = DataConfig(**data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"data: {problems}. Give a data section (keys: {', '.join(DataConfig.model_fields)}) "
-                              f"or batches keyed by the experts' names {expert_set.names}") from None
-    batches = build_few_shot(data, expert_set) if isinstance(data, DataConfig) else dict(data)
+    batches = dict(few_shot_inputs(data, expert_set))
     missing = [name for name in expert_set.names if not batches.get(name)]
     if missing:
         raise DataError(f"no few-shot batches for experts {missing}; data must cover every expert "
