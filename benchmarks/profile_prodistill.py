@@ -32,7 +32,10 @@ then per block the normal equations are combined (G̃, G̃Wᵢ, sums) and solved
 with the same ``torch.mm`` peak. Categories that do not apply show 0.
 
 Prints a table; ``--json PATH`` adds this run to PATH (one entry per method and thread count, others
-kept: ProDistill's under ``threads_N``, the others under ``METHOD_threads_N``).
+kept: ProDistill's under ``threads_N``, the others under ``METHOD_threads_N``, or ``--label``).
+``--set KEY=VALUE`` sets a method parameter (e.g. ``train_precision=bfloat16``, ``patience=2``) and
+``--engine KEY=VALUE`` an engine option (e.g. ``regroup_by_length=false``); with bfloat16 training the
+matmul peak is measured in bfloat16 too.
 """
 
 from __future__ import annotations
@@ -141,15 +144,16 @@ def real_lengths(mask: torch.Tensor | None, batch: int, seq: int) -> list[int]:
 
 
 # --------------------------------------------------------------------- matmul peak
-def matmul_peak(tokens: int, hidden: int, intermediate: int, seconds: float = 1.5) -> dict:
-    """Best and median GFLOP/s of plain float32 torch.mm of the block's shapes."""
+def matmul_peak(tokens: int, hidden: int, intermediate: int, seconds: float = 1.5,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Best and median GFLOP/s of plain torch.mm of the block's shapes in ``dtype`` (the training's)."""
     generator = torch.Generator().manual_seed(0)
     out = {}
     for label, (m, k, n) in {"tokens_x_h @ h_x_i": (tokens, hidden, intermediate),
                              "tokens_x_h @ h_x_h": (tokens, hidden, hidden),
                              "tokens_x_i @ i_x_h": (tokens, intermediate, hidden)}.items():
-        a = torch.randn(m, k, generator=generator)
-        b = torch.randn(k, n, generator=generator)
+        a = torch.randn(m, k, generator=generator).to(dtype)
+        b = torch.randn(k, n, generator=generator).to(dtype)
         for _ in range(3):
             torch.mm(a, b)
         rates = []
@@ -224,11 +228,11 @@ def categories(method: str) -> list[tuple[str, str]]:
 def install(profiler: Profiler, flops: FlopCounter, holder: dict, method: str = "prodistill") -> None:
     import layermerge.engine.context as context
     import layermerge.engine.driver as driver
+    import layermerge.fewshot as fewshot
     import layermerge.methods.coefficients as coefficients
     import layermerge.methods.distillmerge as distillmerge
     import layermerge.methods.prodistill as prodistill
     import layermerge.methods.regmean as regmean
-    import layermerge.pipeline.strategies.blockwise as blockwise
     from layermerge.engine.cache import ActivationCache
 
     w = profiler.wrap
@@ -300,7 +304,7 @@ def install(profiler: Profiler, flops: FlopCounter, holder: dict, method: str = 
     patch(context.Streams, "extra", w("moving", context.Streams.extra))
     patch(context.Streams, "put_extras", w("moving", context.Streams.put_extras))
     # few-shot data
-    patch(blockwise, "build_few_shot", w("few_shot_data", blockwise.build_few_shot))
+    patch(fewshot, "build_few_shot", w("few_shot_data", fewshot.build_few_shot))
 
     # inclusive spans: the engine, block training (merge_block), and keep the engine for its masks
     original_init = driver.BlockEngine.__init__
@@ -392,6 +396,13 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs (ProDistill: per block, default the demo's 20; DistillMerge: its default 50)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method parameter (YAML value), e.g. --set train_precision=bfloat16; repeatable")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="an engine option (YAML value), e.g. --engine regroup_by_length=false; repeatable")
+    parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                        help="a data: option (YAML value), e.g. --data batch_size=4; repeatable")
+    parser.add_argument("--label", default=None, help="JSON key of this run (default: by method and threads)")
     parser.add_argument("--json", type=Path, default=None, help="add this run to a JSON file (keyed by threads)")
     args = parser.parse_args(argv)
 
@@ -409,7 +420,20 @@ def main(argv=None) -> int:
         if method == "regmean":
             parser.error("--epochs does not apply to regmean")
         params["epochs"] = args.epochs
-    data = few_shot_data(config)
+    import yaml
+
+    def pairs(items: list[str], option: str) -> dict:
+        found = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"{option} takes KEY=VALUE, got {item!r}")
+            found[key] = yaml.safe_load(value)
+        return found
+
+    params.update(pairs(args.set, "--set"))
+    engine_options = pairs(args.engine, "--engine")
+    data = {**few_shot_data(config), **pairs(args.data, "--data")}
 
     from transformers import AutoConfig
     model_config = AutoConfig.from_pretrained(base)
@@ -424,7 +448,7 @@ def main(argv=None) -> int:
         profiler.active = True
         started = time.perf_counter()
         merge(base, experts, method, data=data, output=Path(scratch) / "merged", device="cpu",
-              quiet=True, seed=config.seed, **params)
+              quiet=True, seed=config.seed, **engine_options, **params)
         wall = time.perf_counter() - started
         profiler.active = False
     load_after = os.getloadavg()
@@ -454,7 +478,17 @@ def main(argv=None) -> int:
         tokens_per_forward = flops.train_tokens / flops.train_forwards
     else:
         tokens_per_forward = flops.eval_tokens / max(1, flops.eval_forwards)
-    peak = matmul_peak(max(1, round(tokens_per_forward)), hidden, intermediate)
+    matmul_dtype = torch.float32
+    if method in ("prodistill", "distillmerge"):        # the precision the merge trained in (auto resolved)
+        from torch import nn
+
+        from layermerge.methods.fitting import resolve_precision
+        from layermerge.methods.registry import get_method, validate_params
+
+        chosen = validate_params(get_method(method), dict(params)).train_precision
+        if resolve_precision(chosen, torch.device("cpu"), nn.Linear(1, 1)) == "bfloat16":
+            matmul_dtype = torch.bfloat16
+    peak = matmul_peak(max(1, round(tokens_per_forward)), hidden, intermediate, dtype=matmul_dtype)
     # the layer's matmul mix: FFN (h×i and i×h) and the projections (h×h), weighted by FLOPs
     mix = {"tokens_x_h @ h_x_i": 2, "tokens_x_i @ i_x_h": 2, "tokens_x_h @ h_x_h": 4 * hidden / intermediate}
     seconds_per_flop = sum(weight / (peak[k]["best_gflops"] * 1e9) for k, weight in mix.items()) / sum(mix.values())
@@ -490,7 +524,8 @@ def main(argv=None) -> int:
                      "forward_backward_seconds": round(train_seconds, 3), "fit_seconds": round(fit_seconds, 3),
                      "achieved_gflops_forward_backward": round(achieved_fwd_bwd, 2) if achieved_fwd_bwd else None,
                      "achieved_gflops_fit": round(achieved_fit, 2) if achieved_fit else None},
-        "matmul_peak": {"per_shape": peak, "layer_mix_gflops": round(peak_gflops, 2)},
+        "matmul_peak": {"dtype": str(matmul_dtype).replace("torch.", ""), "per_shape": peak,
+                        "layer_mix_gflops": round(peak_gflops, 2)},
         "ratio_to_peak": {"forward_backward": round(achieved_fwd_bwd / peak_gflops, 4) if achieved_fwd_bwd else None,
                           "fit": round(achieved_fit / peak_gflops, 4) if achieved_fit else None},
     }
@@ -543,7 +578,8 @@ def main(argv=None) -> int:
             except ValueError:
                 existing = {}
         runs = existing.get("runs", {}) if isinstance(existing, dict) else {}
-        key = f"threads_{args.threads}" if method == "prodistill" else f"{method}_threads_{args.threads}"
+        default_key = f"threads_{args.threads}" if method == "prodistill" else f"{method}_threads_{args.threads}"
+        key = args.label or default_key
         runs[key] = result
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"benchmark": "profile_prodistill", "runs": runs}, indent=2) + "\n")

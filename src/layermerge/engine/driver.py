@@ -30,6 +30,7 @@ from torch import nn
 
 from layermerge.blocks import BlockPlan
 from layermerge.distributed import SINGLE, DataParallel, resolve_device
+from layermerge.engine.batching import group_by_length, padding_share
 from layermerge.engine.cache import ActivationCache
 from layermerge.engine.capture import call_block, capture_block_inputs
 from layermerge.engine.checkpoint import RunCheckpoint
@@ -157,6 +158,14 @@ def data_fingerprint(data: Mapping[str, Sequence[Mapping]]) -> str:
     return digest.hexdigest()
 
 
+def _padding(data: Mapping[str, Sequence[Mapping]], tasks: list[str]) -> float | None:
+    shares = [padding_share(data[task]) for task in tasks]
+    if any(share is None for share in shares):
+        return None
+    positions = [sum(batch["attention_mask"].numel() for batch in data[task]) for task in tasks]
+    return round(sum(share * count for share, count in zip(shares, positions)) / sum(positions), 4)
+
+
 def input_batch_size(batch: Mapping, task: str, position: int) -> int:
     """Examples in a model-input batch: the first dimension of its first tensor with one."""
     for value in batch.values():
@@ -211,12 +220,17 @@ class BlockEngine:
                  cache_budget: int = DEFAULT_CACHE_BUDGET, spill_dir: str | Path | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, checkpoint_dir: str | Path | None = None,
                  resume: bool = False, quiet: bool = True, compute_dtype: str | torch.dtype | None = None,
-                 sink: EngineSink | None = None, parallel: DataParallel | None = None):
+                 sink: EngineSink | None = None, parallel: DataParallel | None = None,
+                 regroup_by_length: bool = True):
         self.model = model
         self.source = as_source(weights)
         self.tasks = list(self.source.tasks)
         _check_data(data, self.tasks)
+        self.padding_given = _padding(data, self.tasks)
+        if regroup_by_length:
+            data = {task: group_by_length(data[task]) for task in self.tasks}
         self.data = data
+        self.padding = _padding(data, self.tasks)
         self.merger = merger
         self.network = callable(getattr(merger, "merge_network", None))
         self.plan = plan or BlockPlan.from_model(model, block_plan)
@@ -417,6 +431,7 @@ class BlockEngine:
         finally:
             self.cache.close()
         summary = {"blocks": len(self.plan), "resumed_blocks": finished, "scaling_non_block": self.scaling,
+                   "padding_share_given": self.padding_given, "padding_share": self.padding,
                    "seed": self.seed, "device": str(self.device),
                    "compute_dtype": str(self.dtype or torch.float32).replace("torch.", ""),
                    "world_size": self.parallel.world_size, "cache": cache_stats, "plan": self.plan.to_dict(),
@@ -495,7 +510,9 @@ def run_engine(model: nn.Module, weights, data: Mapping[str, Sequence[Mapping]],
     Arithmetic λ of the non-block weights), ``cache_budget`` (bytes of RAM for activations),
     ``spill_dir``, ``device`` (cpu, cuda, cuda:N, auto), ``compute_dtype`` (float32, bfloat16),
     ``seed``, ``checkpoint_dir`` and ``resume``, ``quiet``, ``sink`` (where finished weights go; by
-    default they are collected into the result), ``parallel`` (a DataParallel rank).
+    default they are collected into the result), ``parallel`` (a DataParallel rank),
+    ``regroup_by_length`` (default True: right-padded token batches are regrouped by length and
+    trimmed, ``layermerge.engine.batching``).
     """
     if options.get("resume") and not options.get("checkpoint_dir"):
         raise ConfigError("resume=True needs checkpoint_dir: the folder the interrupted run wrote its "

@@ -3,14 +3,10 @@
 For one block, ``MergingCoefficients`` holds λ_{i,p} for every task i and learnable tensor p and
 builds W_p(λ) = θ0_p + Σ_i λ_{i,p} ⊙ τ_{i,p}. λ is stored as ``init + δ`` with δ trained from zero:
 the same optimisation (Adam is unchanged by a constant shift), and at δ = 0 the weights are
-bit-for-bit Task Arithmetic at ``init``. ``fit`` is the Adam loop over shuffled groups of cached
-batches, data-parallel aware: each rank adds the loss of the batches it holds, gradients are summed
-across ranks before every step, so all ranks take identical steps.
+bit-for-bit Task Arithmetic at ``init``. The training loop that learns δ is ``layermerge.methods.fitting``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,20 +55,13 @@ class MergingCoefficients:
         return self._leaves
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """W(λ) for every tensor of the block, differentiable in δ.
-
-        Task by task with addcmul: one tensor-sized temporary at a time instead of a (T, ...) product;
-        at δ = 0 every term adds exact zeros, so the result is ``start`` bit for bit.
-        """
+        """W(λ) for every tensor of the block, differentiable in δ (see ``combine``)."""
         weights = dict(self.start)
         for name in self.learnable:
             delta = self.deltas[name]
             if delta.dim() == 1:
                 delta = delta.reshape(len(self.tasks), *([1] * self.base[name].dim()))
-            merged = self.start[name]
-            for position in range(len(self.tasks)):
-                merged = torch.addcmul(merged, delta[position], self.vectors[name][position])
-            weights[name] = merged
+            weights[name] = combine(self.start[name], delta, self.vectors[name])
         return weights
 
     @torch.no_grad()
@@ -85,49 +74,42 @@ class MergingCoefficients:
                 for name in self.learnable for position, task in enumerate(self.tasks)}
 
 
+class _Combine(torch.autograd.Function):
+    """W = start + Σ_i δ_i ⊙ τ_i with a backward that costs one pass: ∂L/∂δ = τ ⊙ ∂L/∂W.
+
+    Autograd through a loop of ``addcmul(W, δ[i], τ[i])`` would also work, but each ``δ[i]`` select
+    scatters its gradient into a zero tensor of δ's full size, so the backward moves T² block-sized
+    tensors through memory; here it is one product. Nothing is saved but τ, which is held anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, start, delta, vectors):
+        merged = start.clone()
+        for position in range(delta.shape[0]):
+            merged.addcmul_(delta[position], vectors[position])
+        ctx.save_for_backward(vectors)
+        ctx.delta_shape = delta.shape
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad):
+        (vectors,) = ctx.saved_tensors
+        grad_delta = vectors * grad
+        if ctx.delta_shape != grad_delta.shape:      # one λ per task and tensor: sum over the elements
+            dims = [d for d, size in enumerate(ctx.delta_shape) if size == 1 and grad_delta.shape[d] != 1]
+            grad_delta = grad_delta.sum(dims, keepdim=True)
+        return None, grad_delta, None
+
+
+def combine(start: torch.Tensor, delta: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``start + Σ_i delta[i] * vectors[i]`` (task by task, in that order: at δ = 0 the result is
+    ``start`` bit for bit), differentiable in ``delta``; ``delta`` is (T, *shape) or (T, 1, ..., 1)."""
+    return _Combine.apply(start, delta, vectors)
+
+
 def squared_error(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """‖output − target‖² summed over tokens and features (in fp32), padding tokens left out."""
     squared = (output.float() - target.float()).pow(2)
     if mask is not None:
         squared = squared * mask.reshape(*mask.shape, *([1] * (squared.dim() - mask.dim()))).to(squared.dtype)
     return squared.sum()
-
-
-def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tensor], *, lr: float, epochs: int,
-        batch_size: int) -> list[float]:
-    """Adam on ``leaves``; returns the loss summed over each epoch (over all ranks).
-
-    Every epoch the cached batches are shuffled by ``ctx.generator`` (the same order on every rank)
-    and grouped until ``batch_size`` examples; ``group_loss(local_refs)`` is the loss of the group's
-    batches this rank holds. Empty when there is nothing to learn (no leaves, lr 0 or 0 epochs).
-    """
-    if not leaves or lr <= 0 or epochs <= 0:
-        return []
-    refs = ctx.pairs()
-    # One tensor at a time (not foreach): the multi-tensor path holds temporaries for every leaf at once,
-    # and element-wise coefficients are as large as the block times the number of tasks.
-    optimizer = torch.optim.Adam(leaves, lr=lr, foreach=False)
-    for leaf in leaves:
-        leaf.grad = torch.zeros_like(leaf)
-    losses = []
-    for _ in ctx.progress(range(epochs), desc="epochs"):
-        order = torch.randperm(len(refs), generator=ctx.generator).tolist()
-        epoch_loss, group, group_size = 0.0, [], 0
-        for position, ref_index in enumerate(order):
-            group.append(refs[ref_index])
-            group_size += refs[ref_index].size
-            if group_size < batch_size and position < len(order) - 1:
-                continue
-            optimizer.zero_grad(set_to_none=False)
-            local = [ref for ref in group if ctx.is_local(ref)]
-            value = 0.0
-            if local:
-                loss = group_loss(local)
-                loss.backward()
-                value = float(loss.detach())
-            ctx.all_reduce_([leaf.grad for leaf in leaves])
-            optimizer.step()
-            epoch_loss += ctx.sum(value)
-            group, group_size = [], 0
-        losses.append(epoch_loss)
-    return losses

@@ -18,10 +18,12 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from layermerge.engine import BlockResult
 from layermerge.methods.base import DataDrivenMethod
-from layermerge.methods.coefficients import MergingCoefficients, fit, squared_error
+from layermerge.methods.coefficients import MergingCoefficients, squared_error
+from layermerge.methods.fitting import PRECISIONS, StoppingRule, fit, resolve_precision
 from layermerge.methods.registry import MethodParams, register
 
 
@@ -37,6 +39,16 @@ class DistillMerge(DataDrivenMethod):
         lr: float = Field(0.01, ge=0, description="Adam learning rate")
         epochs: int = Field(50, ge=0, description="passes over the few-shot examples")
         batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches grouped)")
+        patience: int = Field(0, ge=0, description="stop a block's training after this many epochs in a row "
+                                                   "without the epoch loss falling below (1 - tolerance) x its "
+                                                   "best; 0 runs every epoch (the paper)")
+        tolerance: float = Field(0.0, ge=0, lt=1, description="relative fall of the epoch loss that counts as "
+                                                              "progress for patience")
+        train_precision: Literal[PRECISIONS] = Field(
+            "float32", description="matmul precision while λ is trained: float32, bfloat16 by autocast (λ, the "
+                                   "loss, the optimiser, streams and final weights stay float32), or auto "
+                                   "(bfloat16 where the device multiplies it natively, AMX/AVX512-BF16 CPUs or "
+                                   "GPUs with bfloat16, and the block has no convolutions)")
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element, one per task per tensor, or one per task per block")
 
@@ -56,12 +68,15 @@ class DistillMerge(DataDrivenMethod):
             weights = [block.weights() for block in blocks]
             return sum(scale[ref.task] * error(weights, ref) for ref in refs)
 
-        losses = fit(ctx, leaves, group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size)
+        precision = resolve_precision(p.train_precision, ctx.device, nn.ModuleList(ctx.modules))
+        losses = fit(ctx, leaves, group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                     stop=StoppingRule(p.patience, p.tolerance), precision=precision)
         final = [block.final() for block in blocks]
         with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * error(final, ref)) for ref in ctx.local_pairs())
         stats = {"loss_first_epoch": losses[0] if losses else None,
                  "loss_last_epoch": losses[-1] if losses else None,
-                 "loss_final": ctx.sum(local_loss), "epoch_losses": losses}
+                 "loss_final": ctx.sum(local_loss), "epochs_run": len(losses), "epoch_losses": losses,
+                 "train_precision": precision}
         return [BlockResult(weights, block.artifacts(), stats if index == len(blocks) - 1 else {})
                 for index, (weights, block) in enumerate(zip(final, blocks))]

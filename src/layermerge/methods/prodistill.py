@@ -9,6 +9,12 @@ at every step instead, only to measure what that saves). See ../shared/docs/METH
 
 λ is stored as ``init + δ`` with δ trained from zero: the same optimisation, and at δ = 0 the
 merged weights are bit-for-bit Task Arithmetic at ``init``.
+
+Defaults that depart from the paper, chosen by measurement (docs/BENCHMARKS.md, "ProDistill,
+faster"): a block stops once its epoch loss has improved by less than 1 % for two epochs in a row
+(``patience=2, tolerance=0.01``), and the block's matmuls run in bfloat16 where the hardware does
+that natively (``train_precision=auto``). The paper's schedule is ``patience=0,
+train_precision=float32`` (with its ``epochs``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pydantic import Field
 
 from layermerge.engine import BlockResult, run_engine
 from layermerge.methods.base import DataDrivenMethod
-from layermerge.methods.coefficients import MergingCoefficients, fit, squared_error
+from layermerge.methods.coefficients import MergingCoefficients, squared_error
+from layermerge.methods.fitting import PRECISIONS, StoppingRule, fit, resolve_precision
 from layermerge.methods.registry import MethodParams, register
 
 
@@ -33,10 +40,20 @@ class ProDistill(DataDrivenMethod):
         init: float = Field(0.3, description="initial λ for every task and element (the paper: 0.3; 0.5 for "
                                              "two experts); also the Task Arithmetic λ of non-block weights")
         lr: float = Field(0.01, ge=0, description="Adam learning rate (paper: 0.01 vision/NLU, 0.1 LLMs)")
-        epochs: int = Field(50, ge=0, description="passes over the cached few-shot pairs per block "
-                                                  "(paper: 50-100)")
+        epochs: int = Field(50, ge=0, description="most passes over the cached few-shot pairs per block "
+                                                  "(paper: 50-100); patience may stop a block sooner")
         batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches are "
                                                       "grouped up to this size; paper: 16 NLU, 128 vision)")
+        patience: int = Field(2, ge=0, description="stop a block's training after this many epochs in a row "
+                                                   "without the epoch loss falling below (1 - tolerance) x its "
+                                                   "best; 0 runs every epoch (the paper)")
+        tolerance: float = Field(0.01, ge=0, lt=1, description="relative fall of the epoch loss that counts as "
+                                                               "progress for patience")
+        train_precision: Literal[PRECISIONS] = Field(
+            "auto", description="matmul precision while λ is trained: float32, bfloat16 by autocast (λ, the "
+                                   "loss, the optimiser, streams and final weights stay float32), or auto "
+                                   "(bfloat16 where the device multiplies it natively, AMX/AVX512-BF16 CPUs or "
+                                   "GPUs with bfloat16, and the block has no convolutions)")
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element (paper), one per task per tensor, or one per task per "
                                    "block")
@@ -64,14 +81,17 @@ class ProDistill(DataDrivenMethod):
             weights = coefficients.weights()
             return sum(scale[ref.task] * self._error(ctx, weights, ref, targets) for ref in refs)
 
-        losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size)
+        precision = resolve_precision(p.train_precision, ctx.device, ctx.module)
+        losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                     stop=StoppingRule(p.patience, p.tolerance), precision=precision)
         final = coefficients.final()
         with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
                              for ref in ctx.local_pairs())
         stats = {"loss_first_epoch": losses[0] if losses else None,
                  "loss_last_epoch": losses[-1] if losses else None,
-                 "loss_final": ctx.sum(local_loss)}
+                 "loss_final": ctx.sum(local_loss), "epochs_run": len(losses), "epoch_losses": losses,
+                 "train_precision": precision}
         return BlockResult(final, coefficients.artifacts(), stats)
 
     # ----------------------------------------------------------------- pieces
@@ -86,8 +106,8 @@ class ProDistill(DataDrivenMethod):
 
     def _target(self, ctx, ref, targets) -> torch.Tensor:
         mode = self.params.input_mode
-        if self.params.recompute_expert_outputs:
-            with torch.no_grad():
+        if self.params.recompute_expert_outputs:       # float32 like the cached targets, even under autocast
+            with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False):
                 if mode == "merged":
                     return ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged")
                 return ctx.run_expert(ref.task, ctx.expert_input(ref), ref)

@@ -63,6 +63,8 @@ class EngineConfig(BaseModel):
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of block compute; "
                                                           "coefficients and merged weights stay float32")
     seed: int = Field(0, description="seed of the per-block shuffles (data sampling has data.seed)")
+    regroup_by_length: bool = Field(True, description="regroup each task's right-padded token batches by "
+                                                      "length and trim them, so no block computes on padding")
     checkpoint: bool = Field(True, description="write a checkpoint after every block (needed for resume)")
     checkpoint_dir: str | None = Field(None, description="checkpoint folder (default: OUTPUT.checkpoint)")
     keep_checkpoint: bool = Field(False, description="keep the checkpoint folder after a successful run")

@@ -1,0 +1,185 @@
+"""ProDistill before and after (issue 15): wall time, peak RSS and quality of settings side by side,
+with the code of an older commit measured in the same invocation.
+
+    .venv/bin/python benchmarks/prodistill_speed.py --track glue8-minilm --seeds 0 --threads 2 \
+        --run old@23e7634:epochs=20 --run new:epochs=20 --run new:patience=2,tolerance=0.01 \
+        --split validation --json benchmarks/results/prodistill_speed_glue8.json
+
+Each ``--run LABEL[@COMMIT]:KEY=VALUE,...`` is one ProDistill merge per seed, made exactly as
+``layermerge bench`` makes its rows: ``layermerge merge CONFIG`` in a child process under
+``layermerge.bench.measure`` (wall seconds and peak RSS of that process), with the track's experts,
+shots, max length and seed (data.seed = engine.seed). ``@COMMIT`` runs the merge with that commit's
+code (exported by ``git archive`` into a temporary folder and put first on PYTHONPATH); without it,
+this checkout's code. Parameters are the method's (anything else ``name=value`` under ``engine.``,
+e.g. ``engine.regroup_by_length=false``). The merged model is then scored with this checkout's
+evaluation on ``--split`` (validation to choose settings; the track's seeded subset size), and
+normalised by each expert's score on the same split. Runs alternate seed by seed, so slow drift of
+the machine's load hits every setting alike. Experts must already be fine-tuned
+(``layermerge bench TRACK --stages experts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_run(text: str) -> dict:
+    label, _, settings = text.partition(":")
+    label, _, commit = label.partition("@")
+    params, engine = {}, {}
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--run {text!r}: settings are KEY=VALUE separated by commas")
+        (engine if key.startswith("engine.") else params)[key.removeprefix("engine.")] = yaml.safe_load(value)
+    return {"label": label, "commit": commit or None, "params": params, "engine": engine}
+
+
+def export_commit(commit: str, into: Path) -> Path:
+    """The commit's tree under ``into``; returns its ``src`` folder (what PYTHONPATH needs)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = into / "tree.tar"
+    with archive.open("wb") as handle:
+        subprocess.run(["git", "-C", str(REPO), "archive", commit], stdout=handle, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree" / "src"
+
+
+def measured_merge(config: dict, folder: Path, name: str, pythonpath: Path | None, threads: int) -> dict:
+    config_path, output, result = folder / f"{name}.yaml", folder / name, folder / f"{name}.measure.json"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, "-m", "layermerge.bench.measure", str(result), "--", "merge", str(config_path),
+               "--output", str(output), "--overwrite", "--quiet"]
+    started = time.perf_counter()
+    process = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cost = json.loads(result.read_text()) if result.is_file() else {}
+    cost["process_wall_s"] = round(time.perf_counter() - started, 2)
+    if process.returncode != 0:
+        raise SystemExit(f"merge {name} failed: {process.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads((output / "layermerge_summary.json").read_text()).get("summary", {})
+    blocks = json.loads((output / "prodistill" / "blocks.json").read_text())["blocks"]
+    cost["output"] = str(output)
+    cost["epochs_run"] = [block["stats"].get("epochs_run") for block in blocks]
+    cost["loss_final"] = [block["stats"].get("loss_final") for block in blocks]
+    cost["epoch_losses"] = [block["stats"].get("epoch_losses") for block in blocks]
+    cost["padding_share"] = summary.get("padding_share")
+    return cost
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--track", default="glue8-minilm")
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL[@COMMIT]:KEY=VALUE,...")
+    parser.add_argument("--seeds", default="0", help="comma-separated sampling seeds (default 0)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", default="validation", choices=("validation", "train", "test"),
+                        help="where to score (image tasks have no validation split: train, a seeded subset "
+                             "of which the 64 shots are a sliver, is the selection split there)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="add the runs to this JSON file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from layermerge.bench.runner import BenchContext, locate_cached_experts
+    from layermerge.bench.tracks import load_track
+    from layermerge.eval.evaluate import evaluate_task
+    from layermerge.finetune import cache_root
+
+    track = load_track(args.track)
+    ctx = BenchContext(track, workdir=Path(tempfile.gettempdir()), cache_dir=cache_root(args.cache_dir), quiet=True)
+    if not locate_cached_experts(ctx):
+        raise SystemExit(f"the experts of {track.name} are not fine-tuned yet: run "
+                         f"`layermerge bench {track.name} --stages experts` first")
+    if ctx.base is None:
+        from layermerge.demo import minilm_path, prepared_base_path
+        from layermerge.finetune import make_settings, vision_base_folder
+
+        ctx.base = (prepared_base_path(minilm_path(), ctx.cache_dir) if track.base == "minilm" else
+                    vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir,
+                                       make_settings(**track.recipe).image_size))
+    runs = [parse_run(text) for text in args.run]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    def score(output: str) -> dict:
+        return {task: evaluate_task(output, task, args.split, track.eval_examples, max_length=track.max_length,
+                                    data_dir=track.data_dir).score for task in track.tasks}
+
+    expert_scores = {task: evaluate_task(ctx.experts[task], task, args.split, track.eval_examples,
+                                         max_length=track.max_length, data_dir=track.data_dir).score
+                     for task in track.tasks}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="prodistill-speed-") as scratch:
+        scratch = Path(scratch)
+        trees = {run["commit"]: export_commit(run["commit"], scratch / run["commit"])
+                 for run in runs if run["commit"]}
+        for seed in seeds:
+            for run in runs:
+                base_params = dict(track.method_params.get("prodistill", {}))
+                config = {"base": str(ctx.base), "experts": {t: str(p) for t, p in ctx.experts.items()},
+                          "method": "prodistill", "params": {**base_params, **run["params"]},
+                          "data": {"shots": track.shots, "seed": seed, "max_length": track.max_length},
+                          "engine": {"device": "cpu", "seed": seed, **run["engine"]}}
+                if track.data_dir is not None:
+                    config["data"]["data_dir"] = track.data_dir
+                name = f"{run['label']}-seed{seed}"
+                print(f"[{datetime.now().strftime('%H:%M:%S')}] {name}: merging", flush=True)
+                cost = measured_merge(config, scratch, name, trees.get(run["commit"]), args.threads)
+                scores = score(cost.pop("output"))
+                normalised = {t: 100 * scores[t] / expert_scores[t] for t in track.tasks}
+                entry = {"label": run["label"], "commit": run["commit"], "seed": seed, "params": config["params"],
+                         "engine": run["engine"], "wall_s": cost.get("wall_s"),
+                         "peak_rss_mib": cost.get("peak_rss_mib"),
+                         "epochs_run": cost.get("epochs_run"), "padding_share": cost.get("padding_share"),
+                         "loss_final": cost.get("loss_final"), "epoch_losses": cost.get("epoch_losses"),
+                         "scores": scores, "normalised": normalised,
+                         "normalised_average": sum(normalised.values()) / len(normalised)}
+                results.append(entry)
+                print(f"    wall {entry['wall_s']} s, peak {entry['peak_rss_mib']} MiB, normalised "
+                      f"{entry['normalised_average']:.2f}, epochs {entry['epochs_run']}", flush=True)
+                shutil.rmtree(scratch / name, ignore_errors=True)
+
+    print(f"\n{'run':<24} {'seeds':>5} {'wall s':>8} {'x vs first':>10} {'normalised':>10}")
+    first = None
+    for run in runs:
+        rows = [r for r in results if r["label"] == run["label"]]
+        wall = sum(r["wall_s"] for r in rows) / len(rows)
+        quality = [r["normalised_average"] for r in rows]
+        mean = sum(quality) / len(quality)
+        spread = (sum((q - mean) ** 2 for q in quality) / (len(quality) - 1)) ** 0.5 if len(quality) > 1 else 0.0
+        first = first or wall
+        print(f"{run['label']:<24} {len(rows):>5} {wall:8.1f} {first / wall:10.2f} {mean:7.2f} ± {spread:.2f}")
+    if args.json is not None:
+        existing = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
+        existing["runs"].extend({**r, "track": track.name, "split": args.split, "threads": args.threads,
+                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "command": "python benchmarks/prodistill_speed.py " + " ".join(sys.argv[1:])}
+                                for r in results)
+        existing["expert_scores"] = {**existing.get("expert_scores", {}),
+                                     f"{track.name}/{args.split}": expert_scores}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(existing, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

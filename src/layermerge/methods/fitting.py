@@ -1,0 +1,157 @@
+"""The Adam loop that learns merging coefficients (ProDistill, DistillMerge), and when it stops.
+
+``fit`` runs epochs over shuffled groups of cached batches, data-parallel aware: each rank adds the
+loss of the batches it holds, gradients are summed across ranks before every step, so all ranks take
+identical steps. It stops early when a ``StoppingRule`` says the epoch loss has flattened, and can
+run the block's matmuls in bfloat16 (``training_precision``) while λ, the loss and the optimiser stay
+in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """Stop when the epoch loss has not fallen below ``(1 - tolerance)`` × its best for ``patience``
+    epochs in a row.
+
+    The loss is the distillation objective itself, summed over every few-shot pair in the epoch (and
+    over ranks, so every rank stops at the same epoch). Holding pairs out instead would take shots
+    from training, which with 16-64 examples per task costs more than it tells. ``patience=0``
+    never stops early.
+    """
+
+    patience: int = 0
+    tolerance: float = 0.0
+
+    def __post_init__(self):
+        if self.patience < 0 or self.tolerance < 0:
+            raise ValueError(f"patience and tolerance must be >= 0, got {self.patience}, {self.tolerance}")
+
+    def stopped_at(self, losses: list[float]) -> int | None:
+        """The number of epochs after which the rule stops, given the epoch losses so far (None: go on)."""
+        if self.patience <= 0:
+            return None
+        best, waited = float("inf"), 0
+        for epoch, loss in enumerate(losses, start=1):
+            if loss < best * (1.0 - self.tolerance):
+                best, waited = loss, 0
+            else:
+                best, waited = min(best, loss), waited + 1
+                if waited >= self.patience:
+                    return epoch
+        return None
+
+
+@functools.cache
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that says so, or a CPU
+    with AMX-BF16 or AVX512-BF16 (Linux, read from /proc/cpuinfo). Elsewhere bfloat16 is emulated and
+    slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, module: nn.Module | None = None) -> str:
+    """``auto``: bfloat16 where the device has native bfloat16 matmuls and ``module`` (the block) has
+    no convolutions, else float32. oneDNN's bfloat16 convolutions were slower than its float32 ones on
+    this project's AMX CPU (docs/BENCHMARKS.md), while its bfloat16 matmuls were ten times faster."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        convolutions = module is not None and any(isinstance(m, CONVOLUTIONS) for m in module.modules())
+        return "bfloat16" if native_bfloat16(device) and not convolutions else "float32"
+    return precision
+
+
+def training_precision(precision: str, device: torch.device):
+    """A context for the training forward passes: float32 as is, or bfloat16 matmuls by autocast.
+
+    Autocast keeps normalisation, softmax and reductions in float32 and hands float32 gradients back
+    to λ. On the CPU the attention runs by the plain matmul-softmax path: oneDNN's bfloat16 matmuls are
+    fast (AMX), its fused bfloat16 attention backward is not (measured in docs/BENCHMARKS.md).
+    """
+    if resolve_precision(precision, device) == "float32":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if device.type == "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
+
+
+def adam(leaves: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where the device has one (one pass over λ, its moments and its
+    gradient, no temporaries), else the one-tensor-at-a-time loop (the multi-tensor path holds
+    temporaries for every leaf at once, and element-wise λ is the block's size times the tasks)."""
+    try:
+        return torch.optim.Adam(leaves, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(leaves, lr=lr, foreach=False)
+
+
+def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tensor], *, lr: float, epochs: int,
+        batch_size: int, stop: StoppingRule | None = None, precision: str = "float32") -> list[float]:
+    """Adam on ``leaves``; returns the loss summed over each epoch run (over all ranks).
+
+    Every epoch the cached batches are shuffled by ``ctx.generator`` (the same order on every rank)
+    and grouped until ``batch_size`` examples; ``group_loss(local_refs)`` is the loss of the group's
+    batches this rank holds, computed under ``training_precision(precision)``. At most ``epochs``
+    epochs, fewer when ``stop`` says so. Empty when there is nothing to learn (no leaves, lr 0 or
+    0 epochs).
+    """
+    if not leaves or lr <= 0 or epochs <= 0:
+        return []
+    stop = stop or StoppingRule()
+    refs = ctx.pairs()
+    precision = resolve_precision(precision, ctx.device)
+    optimizer = adam(leaves, lr)
+    losses: list[float] = []
+    for _ in ctx.progress(range(epochs), desc="epochs"):
+        order = torch.randperm(len(refs), generator=ctx.generator).tolist()
+        epoch_loss, group, group_size = 0.0, [], 0
+        for position, ref_index in enumerate(order):
+            group.append(refs[ref_index])
+            group_size += refs[ref_index].size
+            if group_size < batch_size and position < len(order) - 1:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            local = [ref for ref in group if ctx.is_local(ref)]
+            value = 0.0
+            if local:
+                with training_precision(precision, ctx.device):
+                    loss = group_loss(local)
+                loss.backward()
+                value = float(loss.detach())
+            for leaf in leaves:                       # a rank with no pair in this group adds zeros
+                if leaf.grad is None:
+                    leaf.grad = torch.zeros_like(leaf)
+            ctx.all_reduce_([leaf.grad for leaf in leaves])
+            optimizer.step()
+            epoch_loss += ctx.sum(value)
+            group, group_size = [], 0
+        losses.append(epoch_loss)
+        if stop.stopped_at(losses) is not None:
+            break
+    return losses

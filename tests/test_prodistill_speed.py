@@ -1,0 +1,221 @@
+"""The fast path of the learned-coefficient methods (issue 15): W(λ) with a one-pass backward, batches
+regrouped by length with no compute on padding, early stopping, bfloat16 matmuls, determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from layermerge.engine import StateDictSource
+from layermerge.engine.batching import group_by_length, padding_share
+from layermerge.methods.coefficients import combine
+from layermerge.methods.fitting import StoppingRule, training_precision
+from layermerge.methods.prodistill import prodistill_merge
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --------------------------------------------------------------------- W(λ)
+def loop_of_addcmul(start, delta, vectors):
+    merged = start
+    for position in range(delta.shape[0]):
+        merged = torch.addcmul(merged, delta[position], vectors[position])
+    return merged
+
+
+@pytest.mark.parametrize("delta_shape", ["element", "tensor"])
+def test_combine_matches_plain_autograd(delta_shape):
+    """Same values and gradients as autograd through the addcmul loop it replaces (bit for bit for
+    element-wise λ; one λ per tensor sums the same products in another order)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 7, generator=generator)
+    vectors = torch.randn(3, 5, 7, generator=generator)
+    shape = (3, 5, 7) if delta_shape == "element" else (3, 1, 1)
+    weight = torch.randn(5, 7, generator=generator)
+    deltas = [torch.randn(shape, generator=generator).mul_(0.1).requires_grad_() for _ in range(2)]
+    deltas[1].data.copy_(deltas[0].data)
+    fast = combine(start, deltas[0], vectors)
+    slow = loop_of_addcmul(start, deltas[1], vectors)
+    assert torch.equal(fast, slow)
+    (fast * weight).sum().backward()
+    (slow * weight).sum().backward()
+    if delta_shape == "element":
+        assert torch.equal(deltas[0].grad, deltas[1].grad)
+    else:
+        torch.testing.assert_close(deltas[0].grad, deltas[1].grad, rtol=1e-6, atol=1e-6)
+    zero = torch.zeros(shape)
+    assert torch.equal(combine(start, zero, vectors), start)     # δ = 0: exactly the start (Task Arithmetic)
+
+
+# --------------------------------------------------------------------- stopping
+def test_stopping_rule():
+    rule = StoppingRule(patience=2, tolerance=0.01)
+    assert rule.stopped_at([10.0, 5.0, 4.0]) is None
+    assert rule.stopped_at([10.0, 5.0, 4.99, 4.98]) == 4          # two epochs under 1 % better than 5.0
+    assert rule.stopped_at([10.0, 5.0, 4.99, 4.0, 3.99]) is None  # 4.0 was progress: the wait restarts
+    assert rule.stopped_at([10.0, 5.0, 6.0, 7.0]) == 4           # worse counts as no progress
+    assert StoppingRule().stopped_at([1.0] * 50) is None          # patience 0: never
+    with pytest.raises(ValueError):
+        StoppingRule(patience=-1)
+
+
+def toy_setup():
+    from test_prodistill import setup_toy
+
+    return setup_toy()
+
+
+def test_prodistill_stops_a_block_when_its_loss_flattens():
+    base, experts, data = toy_setup()
+    source = StateDictSource.from_models(base, experts)
+    full = prodistill_merge(copy.deepcopy(base), source, data, lr=0.05, epochs=60, batch_size=4, patience=0)
+    early = prodistill_merge(copy.deepcopy(base), source, data, lr=0.05, epochs=60, batch_size=4,
+                             patience=2, tolerance=0.05)
+    rule = StoppingRule(2, 0.05)
+    for full_stats, stats in zip(full.block_stats, early.block_stats):
+        assert full_stats["epochs_run"] == 60
+        assert stats["epochs_run"] < 60
+        assert len(stats["epoch_losses"]) == stats["epochs_run"]
+        assert rule.stopped_at(stats["epoch_losses"]) == stats["epochs_run"]
+    # the same run up to the stop: the first block's epochs are the full run's first epochs (later blocks
+    # start from other inputs, the earlier blocks having stopped)
+    first, first_full = early.block_stats[0], full.block_stats[0]
+    assert first["epoch_losses"] == first_full["epoch_losses"][:first["epochs_run"]]
+
+
+# --------------------------------------------------------------------- regrouping by length
+def right_padded(rows: list[list[int]], pad: int = 7) -> dict:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for position, row in enumerate(rows):
+        ids[position, :len(row)] = torch.tensor(row)
+        mask[position, :len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "label_like": torch.arange(len(rows)) + 100 * width}
+
+
+def examples_of(batches) -> list[tuple]:
+    found = []
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][row].sum())
+            found.append((tuple(batch["input_ids"][row, :length].tolist()), int(batch["label_like"][row])))
+    return sorted(found)
+
+
+def test_group_by_length_keeps_every_example_and_trims_the_padding():
+    batches = [right_padded([[1, 2, 3, 4, 5, 6], [1], [2, 2]]), right_padded([[3, 3, 3, 3, 3], [4], [5, 5, 5]])]
+    grouped = group_by_length(batches)
+    assert examples_of(grouped) == examples_of(batches)
+    assert [batch["input_ids"].shape for batch in grouped] == [(3, 6), (3, 2)]
+    for batch in grouped:
+        lengths = batch["attention_mask"].sum(1)
+        assert int(lengths.max()) == batch["input_ids"].shape[1]              # trimmed to its longest
+        assert torch.all(batch["input_ids"][batch["attention_mask"] == 0] == 7)   # the batches' own padding id
+    assert padding_share(grouped) < padding_share(batches)
+
+
+def test_group_by_length_leaves_other_batches_alone():
+    left = {"input_ids": torch.tensor([[0, 5, 6], [4, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
+    images = {"pixel_values": torch.randn(2, 3, 4, 4)}
+    with_list = {**right_padded([[1, 2], [3]]), "note": ["a", "b"]}
+    for batches in ([left, left], [images], [with_list]):
+        grouped = group_by_length(batches)
+        assert all(a is b for a, b in zip(grouped, batches)) and len(grouped) == len(batches)
+
+
+def bert_setup(family_models, rows_per_task=6):
+    from transformers import AutoModel
+
+    base_dir, expert_dirs = family_models["bert"]
+    import layermerge
+
+    expert_set = layermerge.ExpertSet(base_dir, expert_dirs)
+    generator = torch.Generator().manual_seed(3)
+    data = {}
+    for task in expert_set.names:
+        lengths = torch.randint(2, 12, (rows_per_task,), generator=generator).tolist()
+        rows = [torch.randint(5, 99, (n,), generator=generator).tolist() for n in lengths]
+        data[task] = [right_padded(rows[i:i + 3], pad=0) for i in range(0, rows_per_task, 3)]
+        for batch in data[task]:
+            del batch["label_like"]
+    return (lambda: AutoModel.from_pretrained(base_dir)), expert_set, data
+
+
+def test_regrouped_batches_give_the_padded_loss(family_models):
+    """With one Adam step per epoch over every example, which examples share a batch does not matter:
+    regrouped (no padding computed) and padded runs must see the same losses to float tolerance."""
+    model, expert_set, data = bert_setup(family_models)
+    runs = {}
+    for regroup in (False, True):
+        runs[regroup] = prodistill_merge(model(), expert_set, data, lr=0.01, epochs=3, batch_size=100,
+                                         engine_options={"regroup_by_length": regroup})
+    padded, regrouped = runs[False], runs[True]
+    assert regrouped.summary["padding_share"] < padded.summary["padding_share"] == padded.summary["padding_share_given"]
+    for before, after in zip(padded.block_stats, regrouped.block_stats):
+        torch.testing.assert_close(torch.tensor(after["epoch_losses"]), torch.tensor(before["epoch_losses"]),
+                                   rtol=1e-4, atol=0)
+        assert after["loss_final"] == pytest.approx(before["loss_final"], rel=1e-4)
+
+
+# --------------------------------------------------------------------- bfloat16 and determinism
+def test_bfloat16_training_follows_the_float32_loss_and_keeps_float32_coefficients(family_models):
+    model, expert_set, data = bert_setup(family_models)
+    runs = {precision: prodistill_merge(model(), expert_set, data, lr=0.01, epochs=4, batch_size=3,
+                                        train_precision=precision)
+            for precision in ("float32", "bfloat16")}
+    for single, half in zip(runs["float32"].block_stats, runs["bfloat16"].block_stats):
+        torch.testing.assert_close(torch.tensor(half["epoch_losses"]), torch.tensor(single["epoch_losses"]),
+                                   rtol=0.05, atol=0)
+    assert all(tensor.dtype == torch.float32 for tensor in runs["bfloat16"].artifacts[0].values())
+    assert all(tensor.dtype == torch.float32 for tensor in runs["bfloat16"].state_dict.values()
+               if tensor.is_floating_point())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_seed_gives_the_same_merge_bit_for_bit(family_models, precision):
+    model, expert_set, data = bert_setup(family_models)
+    first, second = (prodistill_merge(model(), expert_set, data, lr=0.01, epochs=3, batch_size=3,
+                                      train_precision=precision, patience=1, tolerance=0.001,
+                                      engine_options={"seed": 4}) for _ in range(2))
+    assert first.state_dict.keys() == second.state_dict.keys()
+    for key, tensor in first.state_dict.items():
+        assert torch.equal(tensor, second.state_dict[key]), key
+
+
+def test_precision_is_validated():
+    from layermerge.errors import ConfigError
+    from layermerge.methods.registry import _REGISTRY, validate_params
+
+    with pytest.raises(ConfigError, match="train_precision"):
+        validate_params(_REGISTRY["prodistill"], {"train_precision": "float16"})
+    with pytest.raises(ValueError):
+        training_precision("float16", torch.device("cpu"))
+
+
+def test_auto_precision_keeps_convolution_blocks_in_float32():
+    from torch import nn
+
+    from layermerge.methods.fitting import native_bfloat16, resolve_precision
+
+    cpu = torch.device("cpu")
+    convolutional = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    dense = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    assert resolve_precision("auto", cpu, convolutional) == "float32"
+    assert resolve_precision("auto", cpu, dense) == ("bfloat16" if native_bfloat16(cpu) else "float32")
+    assert resolve_precision("bfloat16", cpu, convolutional) == "bfloat16"      # an explicit choice stands
+
+
+def test_convolution_blocks_run_channels_last_with_the_same_values():
+    from torch import nn
+
+    from layermerge.engine.capture import call_block
+
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 1)).eval()
+    hidden = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    out = call_block(block, None, hidden, ((), {}))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(out, block(hidden), rtol=1e-5, atol=1e-6)
