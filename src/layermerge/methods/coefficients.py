@@ -84,8 +84,11 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, start, delta, vectors):
-        merged = start.clone()
-        for position in range(delta.shape[0]):
+        if delta.shape[0] == 0:
+            merged = start.clone()
+        else:                      # the first product out of place: no separate copy of ``start``
+            merged = torch.addcmul(start, delta[0], vectors[0])
+        for position in range(1, delta.shape[0]):
             merged.addcmul_(delta[position], vectors[position])
         ctx.save_for_backward(vectors)
         ctx.delta_shape = delta.shape
