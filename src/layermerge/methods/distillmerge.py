@@ -23,7 +23,7 @@ from torch import nn
 from layermerge.engine import BlockResult
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients, squared_error
-from layermerge.methods.fitting import PRECISIONS, StoppingRule, fit, resolve_precision
+from layermerge.methods.fitting import Patience, StoppingRule, Tolerance, TrainPrecision, fit, resolve_precision
 from layermerge.methods.registry import MethodParams, register
 
 
@@ -39,16 +39,9 @@ class DistillMerge(DataDrivenMethod):
         lr: float = Field(0.01, ge=0, description="Adam learning rate")
         epochs: int = Field(50, ge=0, description="passes over the few-shot examples")
         batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches grouped)")
-        patience: int = Field(0, ge=0, description="stop a block's training after this many epochs in a row "
-                                                   "without the epoch loss falling below (1 - tolerance) x its "
-                                                   "best; 0 runs every epoch (the paper)")
-        tolerance: float = Field(0.0, ge=0, lt=1, description="relative fall of the epoch loss that counts as "
-                                                              "progress for patience")
-        train_precision: Literal[PRECISIONS] = Field(
-            "float32", description="matmul precision while λ is trained: float32, bfloat16 by autocast (λ, the "
-                                   "loss, the optimiser, streams and final weights stay float32), or auto "
-                                   "(bfloat16 where the device multiplies it natively, AMX/AVX512-BF16 CPUs or "
-                                   "GPUs with bfloat16, and the block has no convolutions)")
+        patience: Patience = 0
+        tolerance: Tolerance = 0.0
+        train_precision: TrainPrecision = "float32"
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element, one per task per tensor, or one per task per block")
 

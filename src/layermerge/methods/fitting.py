@@ -13,12 +13,26 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+# The parameters of the loop, shared by the methods that use it (each sets its own defaults).
+Patience = Annotated[int, Field(ge=0, description="stop training (a block's, for ProDistill) after this many "
+                                                  "epochs in a row without the epoch loss falling below "
+                                                  "(1 - tolerance) x its best; 0 runs every epoch (the paper)")]
+Tolerance = Annotated[float, Field(ge=0, lt=1, description="relative fall of the epoch loss that counts as "
+                                                           "progress for patience")]
+TrainPrecision = Annotated[Literal[PRECISIONS], Field(
+    description="matmul precision while λ is trained: float32, bfloat16 by autocast (λ, the loss, the "
+                "optimiser, streams and final weights stay float32), or auto (bfloat16 where the device "
+                "multiplies it natively, AMX/AVX512-BF16 CPUs or GPUs with bfloat16, and the block has no "
+                "convolutions)")]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pydantic import Field
 from layermerge.engine import BlockResult, run_engine
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients, squared_error
-from layermerge.methods.fitting import PRECISIONS, StoppingRule, fit, resolve_precision
+from layermerge.methods.fitting import Patience, StoppingRule, Tolerance, TrainPrecision, fit, resolve_precision
 from layermerge.methods.registry import MethodParams, register
 
 
@@ -44,16 +44,9 @@ class ProDistill(DataDrivenMethod):
                                                   "(paper: 50-100); patience may stop a block sooner")
         batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches are "
                                                       "grouped up to this size; paper: 16 NLU, 128 vision)")
-        patience: int = Field(2, ge=0, description="stop a block's training after this many epochs in a row "
-                                                   "without the epoch loss falling below (1 - tolerance) x its "
-                                                   "best; 0 runs every epoch (the paper)")
-        tolerance: float = Field(0.01, ge=0, lt=1, description="relative fall of the epoch loss that counts as "
-                                                               "progress for patience")
-        train_precision: Literal[PRECISIONS] = Field(
-            "auto", description="matmul precision while λ is trained: float32, bfloat16 by autocast (λ, the "
-                                   "loss, the optimiser, streams and final weights stay float32), or auto "
-                                   "(bfloat16 where the device multiplies it natively, AMX/AVX512-BF16 CPUs or "
-                                   "GPUs with bfloat16, and the block has no convolutions)")
+        patience: Patience = 2
+        tolerance: Tolerance = 0.01
+        train_precision: TrainPrecision = "auto"
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element (paper), one per task per tensor, or one per task per "
                                    "block")
