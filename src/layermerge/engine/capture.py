@@ -97,7 +97,7 @@ def call_block(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden:
 
     With ``dtype`` the floating weights are cast to it first (bf16 block compute); the cast is part of
     the autograd graph, so coefficients behind ``params`` still receive fp32 gradients. A 4-D input of
-    a block with 2-D convolutions goes in channels-last, the layout oneDNN's convolutions run fastest
+    a block with convolutions goes in channels-last, the layout oneDNN's convolutions run fastest
     on (1.3-2.2x for EfficientNet blocks here, docs/BENCHMARKS.md); the values are the same.
     """
     args, kwargs = extra
@@ -110,9 +110,13 @@ def call_block(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden:
     return hidden_of(torch.func.functional_call(block, params, (hidden, *args), kwargs, strict=False))
 
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def has_convolutions(block: nn.Module) -> bool:
-    """Whether ``block`` holds a 2-D convolution (its 4-D activations then go in channels-last)."""
-    return any(isinstance(module, nn.Conv2d) for module in block.modules())
+    """Whether ``block`` holds a convolution (its 4-D activations then go in channels-last, and
+    ``train_precision: auto`` keeps it in float32)."""
+    return any(isinstance(module, CONVOLUTIONS) for module in block.modules())
 
 
 def model_call_options(model: nn.Module) -> dict:

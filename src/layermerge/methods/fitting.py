@@ -19,7 +19,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from layermerge.engine.capture import has_convolutions
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # The parameters of the loop, shared by the methods that use it (each sets its own defaults).
@@ -92,7 +93,7 @@ def resolve_precision(precision: str, device: torch.device, module: nn.Module | 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        convolutions = module is not None and any(isinstance(m, CONVOLUTIONS) for m in module.modules())
+        convolutions = module is not None and has_convolutions(module)
         return "bfloat16" if native_bfloat16(device) and not convolutions else "float32"
     return precision
 
