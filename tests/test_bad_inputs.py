@@ -570,10 +570,10 @@ add("data-file-empty", lambda e: e.merge(e.dd(data={"data_dir": str(e.data_copy(
     lambda d: (d / "glue" / "rte" / "train.jsonl").write_text("")))})), "holds no examples")
 add("data-file-bad-label", lambda e: e.merge(e.dd(data={"data_dir": str(e.data_copy(
     lambda d: (d / "glue" / "sst2" / "train.jsonl").write_text("{\"sentence\": \"ok\", \"label\": 7}\n")))})),
-    "not a class id")
+    "label 7 is not one of the declared labels")
 add("data-file-missing-field", lambda e: e.merge(e.dd(data={"data_dir": str(e.data_copy(
     lambda d: (d / "glue" / "sst2" / "train.jsonl").write_text("{\"text\": \"ok\", \"label\": 1}\n")))})),
-    "missing field")
+    "no field 'sentence'", "fields: text, label")
 
 # max_length beyond the position table: checked before any work (no OUT.checkpoint left behind)
 add("max-length-just-beyond", lambda e: e.merge(e.dd(data={"max_length": POSITIONS + 1})), "max_length",

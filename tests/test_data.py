@@ -41,7 +41,7 @@ def test_glue_metrics_are_the_literatures():
 
 
 def test_unknown_or_repeated_tasks_are_user_errors():
-    with pytest.raises(DataError, match="unknown task 'sst3'.*known tasks"):
+    with pytest.raises(DataError, match="unknown task 'sst3': not a built-in task"):
         get_task("sst3")
     with pytest.raises(DataError, match="listed twice"):
         parse_task_list("sst2,rte,sst-2")
@@ -69,7 +69,7 @@ def test_image_splits_load_as_uint8_arrays():
     assert mnist[0]["image"].shape == (28, 28) and isinstance(mnist[0]["label"], int)
     cifar = load_split("cifar10", "train")
     assert cifar.images.shape == (10000, 32, 32, 3)
-    with pytest.raises(DataError, match="no split 'validation'.*train, test"):
+    with pytest.raises(DataError, match="has no validation split \\(its spec gives: train, test\\)"):
         load_split("mnist", "validation")
 
 
@@ -112,10 +112,11 @@ def test_malformed_files_name_the_line(tmp_path):
     with pytest.raises(DataError, match=r"test.jsonl:2: not valid JSON"):
         load_split("rte", "test", data_dir=tmp_path)
     (folder / "test.jsonl").write_text('{"sentence1": "a", "label": 0}\n')
-    with pytest.raises(DataError, match=r":1: missing field\(s\) \['sentence2'\]"):
+    with pytest.raises(DataError, match=r":1: no field 'sentence2' .*the row has fields: sentence1, label"):
         load_split("rte", "test", data_dir=tmp_path)
     (folder / "test.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": 5}\n')
-    with pytest.raises(DataError, match="not a class id in 0..1"):
+    with pytest.raises(DataError, match=r"label 5 is not one of the declared labels \['entailment', 'not_entailment'\] "
+                       r"or their ids 0..1"):
         load_split("rte", "test", data_dir=tmp_path)
 
 

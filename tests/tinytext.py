@@ -74,3 +74,53 @@ def build_text_setup(root: Path) -> tuple[Path, dict[str, Path], Path]:
     for task in experts:
         write_tiny_glue(data_dir, task)
     return base, experts, data_dir
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CAUSAL_VOCAB = (["<pad>", "<eos>", "<unk>"] + list(string.ascii_lowercase) + list(string.digits)
+                + list(" .,:?!<>-+=") )
+
+
+def char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A character-level fast tokenizer with <pad>, <eos>, <unk> (and, by default, a chat template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CAUSAL_VOCAB)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_causal_base(folder: Path, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """Save a tiny Llama causal LM with a character tokenizer (a base for generation tasks)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = make_config("llama", vocab_size=len(CAUSAL_VOCAB), max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    char_tokenizer(chat_template).save_pretrained(folder)
+    return folder
+
+
+def write_generation_task(folder: Path, name: str, answer: str, rows: int = 24) -> Path:
+    """A prompt -> completion task whose completion is always ``answer``; returns its spec file."""
+    import json
+    import random
+
+    rng = random.Random(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        lines = [json.dumps({"question": "".join(rng.choice(string.ascii_lowercase) for _ in range(6)) + "?",
+                             "answer": answer}) for _ in range(rows)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    spec = folder / f"{name}.yaml"
+    spec.write_text(f"name: {name}\ntype: generation\nprompt: question\ncompletion: answer\n"
+                    "files: {train: train.jsonl, test: test.jsonl}\nmetric: exact_match\nmax_new_tokens: 5\n")
+    return spec

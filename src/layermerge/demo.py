@@ -85,6 +85,7 @@ class DemoResult:
     failures: dict[str, str]
     seconds: float
     expert_paths: dict[str, Path]
+    base: Path | None = None
 
 
 def minilm_path() -> Path:
@@ -292,4 +293,4 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     report.settings.update({"fine-tuning_s": round(trained - started, 1), "total_s": round(seconds, 1)})
     paths = report.write(root / "demo", title="layermerge demo: MiniLM experts merged by data-free methods")
     (root / "demo" / "demo_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
-    return DemoResult(report, paths, failures, seconds, expert_paths)
+    return DemoResult(report, paths, failures, seconds, expert_paths, base)

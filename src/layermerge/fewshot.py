@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layermerge.data.models import check_length, position_limit, tokenizer_misfit
 from layermerge.errors import ConfigError, DataError
@@ -27,15 +27,24 @@ LABEL_KEYS = ("labels", "label")
 
 
 class TaskDataConfig(BaseModel):
-    """Where one expert's few-shot examples come from; unset fields take the ``data:`` defaults."""
+    """Where one expert's few-shot examples come from; unset fields take the ``data:`` defaults.
+    ``data.tasks.<expert>: reviews.yaml`` is short for ``data.tasks.<expert>: {task: reviews.yaml}``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str | None = Field(None, description="registered task name (default: the expert's name), e.g. sst2")
+    task: str | dict | None = Field(None, description="the expert's task: a built-in name (default: the expert's "
+                                                      "name), a task spec file, or an inline spec mapping")
     split: Literal["train", "validation"] | None = Field(None, description="split to draw from")
     shots: int | None = Field(None, ge=1, description="examples of this task")
     seed: int | None = Field(None, description="sampling seed")
     max_length: int | None = Field(None, ge=1, description="tokens per text example")
+    include_completion: bool | None = Field(None, description="generation tasks: the prompt followed by its "
+                                                              "completion (default) or the prompt alone")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_shorthand(cls, value):
+        return {"task": value} if isinstance(value, str) else value
 
 
 class DataConfig(BaseModel):
@@ -57,32 +66,48 @@ class DataConfig(BaseModel):
                                                    "$LAYERMERGE_DATA or ../shared/data)")
     tokenizer: str | None = Field(None, description="tokenizer folder (default: the base model's folder, whose "
                                                     "tokenizer must match the model's embedding)")
+    include_completion: bool = Field(True, description="generation tasks: few-shot inputs are the prompt and its "
+                                                       "completion (as ProDistill's code has it), or the prompt alone")
 
     def resolve_paths(self, relative_to: Path) -> DataConfig:
         def fix(path: str | None) -> str | None:
             return relative_to_config(path, relative_to)
 
-        return self.model_copy(update={"data_dir": fix(self.data_dir), "tokenizer": fix(self.tokenizer)})
+        tasks = {name: spec.model_copy(update={"task": task_reference(spec.task, relative_to)})
+                 for name, spec in self.tasks.items()}
+        return self.model_copy(update={"data_dir": fix(self.data_dir), "tokenizer": fix(self.tokenizer),
+                                       "tasks": tasks})
+
+
+def task_reference(reference: str | dict | None, relative_to: Path) -> str | dict | None:
+    """A task reference from a config file, with its paths made absolute: a spec file relative to the
+    config's folder, an inline spec's files relative to it too (its ``directory``)."""
+    from layermerge.data.tasks import BUILTIN_TASKS, looks_like_file
+
+    if isinstance(reference, dict):
+        if reference.get("directory") is None:
+            return {**reference, "directory": str(relative_to)}
+        return {**reference, "directory": relative_to_config(str(reference["directory"]), relative_to)} \
+            if reference["directory"] != "$LAYERMERGE_DATA" else reference
+    if reference is None or reference.strip().lower() in BUILTIN_TASKS:
+        return reference
+    candidate = relative_to_config(reference, relative_to)
+    return candidate if looks_like_file(reference) or Path(candidate).exists() else reference
 
 
 def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[dict]]:
     """``{expert name: [collated batch, ...]}`` as the ``data:`` section describes."""
-    from layermerge.data import TextCollator, get_task, load_split, sample_few_shot
+    from layermerge.data import GenerationCollator, TextCollator, load_split, sample_few_shot
 
     if not isinstance(config, DataConfig):
         config = DataConfig(**config)
-    unknown = sorted(set(config.tasks) - set(expert_set.names))
-    if unknown:
-        raise ConfigError(f"data.tasks names {unknown}, which are not experts; experts are {expert_set.names}")
+    tasks = expert_tasks(config, expert_set.names)
     limit = check_max_length(config, expert_set.reference)
     tokenizer = None
     batches: dict[str, list[dict]] = {}
     for name in expert_set.names:
         spec = config.tasks.get(name) or TaskDataConfig()
-        try:
-            task = get_task(spec.task or name)
-        except DataError as exc:
-            raise ConfigError(f"{exc}. Name the task of expert '{name}' with data.tasks.{name}.task") from None
+        task = tasks[name]
         shots = spec.shots or config.shots
         seed = config.seed if spec.seed is None else spec.seed
         split = spec.split or config.split
@@ -90,15 +115,50 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
             rows = sample_few_shot(task, shots, seed, data_dir=config.data_dir)
         else:
             rows = load_split(task, split, data_dir=config.data_dir).take(shots, seed)
-        if task.is_text:
+        if not task.is_image:
             if tokenizer is None:
                 tokenizer = few_shot_tokenizer(config, expert_set.reference)
-            collate = TextCollator(tokenizer, task, spec.max_length or _default_length(config, limit))
+            length = spec.max_length or _default_length(config, limit)
+            if task.is_generation:
+                completion = config.include_completion if spec.include_completion is None else spec.include_completion
+                collate = GenerationCollator(tokenizer, task, length, include_completion=completion)
+            else:
+                collate = TextCollator(tokenizer, task, length)
         else:
             collate = _image_collator(expert_set.expert(name).reader, name)
         batches[name] = [collate([rows[i] for i in range(start, min(start + config.batch_size, len(rows)))])
                          for start in range(0, len(rows), config.batch_size)]
     return batches
+
+
+def expert_tasks(config: DataConfig, experts: Sequence[str]) -> dict:
+    """{expert: Task} as the data section names them (an expert not listed: the built-in task of its name)."""
+    from layermerge.data import get_task
+
+    unknown = sorted(set(config.tasks) - set(experts))
+    if unknown:
+        raise ConfigError(f"data.tasks names {unknown}, which are not experts; experts are {list(experts)}")
+    tasks = {}
+    for name in experts:
+        spec = config.tasks.get(name) or TaskDataConfig()
+        try:
+            tasks[name] = get_task(spec.task or name)
+        except DataError as exc:
+            if spec.task is not None:
+                raise ConfigError(f"data.tasks.{name}: {exc}") from None
+            raise ConfigError(f"{exc}. Name the task of expert '{name}' with data.tasks.{name}.task: TASK (a "
+                              f"built-in name, a task spec file or an inline spec; data.tasks.{name}: FILE for "
+                              "short)") from None
+    return tasks
+
+
+def task_records(data, experts: Sequence[str]) -> dict:
+    """{expert: its task's spec} for the merge summary, so ``layermerge eval`` finds each head's task
+    wherever it runs; empty for hand-built batches."""
+    if isinstance(data, Mapping) and not isinstance(data, DataConfig) and set(data) & set(experts):
+        return {}
+    config = data if isinstance(data, DataConfig) else DataConfig(**(data or {}))
+    return {name: task.record() for name, task in expert_tasks(config, experts).items()}
 
 
 def few_shot_inputs(data, expert_set) -> dict:

@@ -2,11 +2,15 @@
 
 Full fine-tuning: every weight trains, AdamW with weight decay on matrices only, a linear warm-up
 then linear decay to zero, gradient clipping, dropout as the model defines it, all randomness
-seeded. Text tasks use ``AutoModelForSequenceClassification`` (one output and MSE for regression);
-image tasks use a registered vision factory (``vision:efficientnet-lite0``, ``vision:small-cnn``).
+seeded. Text classification and regression use ``AutoModelForSequenceClassification`` (one output
+and MSE for regression); generation tasks train the causal language model itself on the completion's
+tokens (``AutoModelForCausalLM``); image tasks use a registered vision factory
+(``vision:efficientnet-lite0``, ``vision:small-cnn``). Tasks are built-in or users' specs
+(``layermerge.data.get_task``).
 
 The result is a folder keyed by a sha256 of everything that determines it — the base's weight
-file hashes, the task's training file, every setting, and the layermerge version — with a
+file hashes, the task's training file (and a user's task spec), every setting, and the layermerge
+version — with a
 ``layermerge_finetune.json`` written last; a folder with the same key is a cache hit and is
 returned without training. Folders are written to a temporary name and renamed when complete.
 """
@@ -27,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from layermerge import __version__
-from layermerge.data.collate import TextCollator, length_grouped_batches, row_lengths
+from layermerge.data.collate import IGNORE_INDEX, GenerationCollator, TextCollator, length_grouped_batches, row_lengths
 from layermerge.data.models import (
     VisionFactory,
     forward_logits,
@@ -44,6 +48,7 @@ from layermerge.io.atomic import discard_temp, make_temp_sibling, replace_folder
 from layermerge.progress import progress as progress_report
 
 MARKER = "layermerge_finetune.json"
+GENERATION_MAX_LENGTH = 512   # tokens of prompt + completion when fine-tuning a generation task
 VISION_PREFIX = "vision:"
 HASH_LIMIT = 2 * 1024**3   # weight files above this are fingerprinted by size and mtime, not hashed
 
@@ -133,6 +138,8 @@ def data_fingerprint(data: TaskData) -> str:
 def cache_key(base: Path | VisionFactory, task: Task, settings: FinetuneSettings, data: TaskData) -> str:
     record = {"base": base_fingerprint(base), "task": task.name, "settings": settings.model_dump(),
               "data": data_fingerprint(data), "layermerge": __version__}
+    if not task.is_builtin:          # a user's spec (fields, labels...) changes the expert; built-ins keep their keys
+        record["spec"] = task.model_dump(mode="json", exclude={"directory"})
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,7 +175,7 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
     task = get_task(task)
     settings = make_settings(settings, **overrides)
     base = resolve_base(base)
-    settings = fit_settings(base, settings)
+    settings = fit_settings(base, settings, task)
     target, key, train = _locate(base, task, settings, cache_dir, data_dir, output)
     cached = _cached_result(target, key)
     if cached is not None:
@@ -192,10 +199,13 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
     try:
         if isinstance(base, VisionFactory):
             stats = _finetune_vision(base, task, data, settings, temp, quiet)
+        elif task.is_generation:
+            stats = _finetune_causal(base, task, data, settings, temp, quiet)
         else:
             stats = _finetune_text(base, task, data, settings, temp, quiet)
         base_label = str(base) if isinstance(base, Path) else f"{VISION_PREFIX}{base.name}"
-        record = {"key": key, "task": task.name, "base": base_label, "settings": settings.model_dump(),
+        spec = {} if task.is_builtin else {"task_spec": task.record()}
+        record = {"key": key, "task": task.name, **spec, "base": base_label, "settings": settings.model_dump(),
                   "train_examples": len(data), "train_origin": train.origin,
                   "seconds": round(time.perf_counter() - started, 1),
                   "layermerge": __version__, **stats}
@@ -230,6 +240,10 @@ def _locate(base: Path | VisionFactory, task: Task, settings: FinetuneSettings, 
     if isinstance(base, VisionFactory) != task.is_image:
         kind = "a vision model" if task.is_image else "a Hugging Face text model"
         raise ConfigError(f"task {task.name!r} needs {kind} as base, got {base}")
+    if task.is_generation:
+        from layermerge.eval.scorers import check_scorer
+
+        check_scorer(task)
     train = load_split(task, "train", data_dir=data_dir)
     key = cache_key(base, task, settings, train)
     base_name = base.name if isinstance(base, VisionFactory) else base.name.replace(" ", "_")
@@ -245,17 +259,19 @@ def find_cached_expert(base: str | Path | VisionFactory, task: str | Task, *, ca
     nothing (a dry run uses it to tell cached runs from runs still to make)."""
     task = get_task(task)
     base = resolve_base(base)
-    target, key, _ = _locate(base, task, fit_settings(base, make_settings(settings)), cache_dir, data_dir)
+    target, key, _ = _locate(base, task, fit_settings(base, make_settings(settings), task), cache_dir, data_dir)
     return _cached_result(target, key)
 
 
-def fit_settings(base: Path | VisionFactory, settings: FinetuneSettings) -> FinetuneSettings:
-    """The default max_length lowered to a short text model's positions (a chosen one is checked instead)."""
+def fit_settings(base: Path | VisionFactory, settings: FinetuneSettings, task: Task | None = None) -> FinetuneSettings:
+    """The default max_length lowered to a short text model's positions (a chosen one is checked instead);
+    generation tasks default to 512 tokens of prompt and completion."""
     if isinstance(base, VisionFactory) or "max_length" in settings.model_fields_set:
         return settings
     from layermerge.data.models import fitted_length, folder_config
 
-    return settings.model_copy(update={"max_length": fitted_length(settings.max_length, folder_config(base))})
+    default = GENERATION_MAX_LENGTH if task is not None and task.is_generation else settings.max_length
+    return settings.model_copy(update={"max_length": fitted_length(default, folder_config(base))})
 
 
 def _cached_result(target: Path, key: str) -> FinetuneResult | None:
@@ -293,6 +309,22 @@ def _finetune_text(base: Path, task: Task, data: TaskData, settings: FinetuneSet
     return stats
 
 
+def _finetune_causal(base: Path, task: Task, data: TaskData, settings: FinetuneSettings, out: Path,
+                     quiet: bool) -> dict:
+    """A causal language model trained on each example's completion tokens (the prompt is context only)."""
+    from layermerge.data.models import load_hf_model, load_tokenizer, quiet_transformers
+
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(settings.seed)
+    model = load_hf_model(base, "AutoModelForCausalLM", "causal language model", dtype=torch.float32)
+    collator = GenerationCollator(tokenizer, task, settings.max_length, include_completion=True, with_labels=True)
+    stats = train_model(model, task, data, collator, settings, quiet)
+    with quiet_transformers():
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return stats
+
+
 def _finetune_vision(factory: VisionFactory, task: Task, data: TaskData, settings: FinetuneSettings,
                      out: Path, quiet: bool) -> dict:
     spec = spec_for(factory, task.num_labels, settings.image_size)
@@ -323,6 +355,11 @@ def warmup_linear(total_steps: int, warmup_steps: int):
 
 
 def task_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if task.is_generation:           # next-token prediction on the completion's tokens only
+        if not (labels[:, 1:] != IGNORE_INDEX).any():     # every completion cut off by max_length
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
     if task.is_regression:
         return F.mse_loss(logits.reshape(len(labels), -1)[:, 0], labels.float())
     return F.cross_entropy(logits, labels)

@@ -19,6 +19,7 @@ from layermerge.data.collate import length_grouped_batches, row_lengths
 from layermerge.data.models import forward_logits, load_model
 from layermerge.data.sources import load_split
 from layermerge.data.tasks import get_task
+from layermerge.errors import DataError
 from layermerge.eval.evaluate import TaskResult, collator_for, score_predictions
 from layermerge.experts import ExpertSet
 
@@ -43,11 +44,14 @@ def _mean_logits(model: torch.nn.Module, data, collator, batch_size: int) -> tor
     return logits[torch.argsort(torch.tensor(order))]
 
 
-def evaluate_ensemble(base: str | Path, experts: dict[str, str | Path], task: str, *,
+def evaluate_ensemble(base: str | Path, experts: dict[str, str | Path], task, *,
                       max_examples: int | None, max_length: int = 128, batch_size: int = 64,
                       data_dir: str | Path | None = None, seed: int = 0) -> TaskResult:
     """Score the experts' ensemble on ``task``'s test split (the same seeded subset as ``evaluate_task``)."""
     task_info = get_task(task)
+    task = task_info.name
+    if task_info.is_generation:
+        raise DataError(f"task {task!r} is a generation task: the logit ensemble scores classifiers only")
     heads = set(ExpertSet(base, experts).report.head_keys.get(task, []))
     data = load_split(task_info, "test", data_dir=data_dir).take(max_examples, seed)
     model = load_model(experts[task], task_info)

@@ -77,7 +77,7 @@ def _row(records: list[dict], tasks: list[str], experts: dict[str, float]) -> di
 def build_results(track: TrackConfig, records: list[dict], expert_scores: dict[str, dict],
                   ensemble_scores: dict[str, dict], meta: dict) -> dict:
     """The document ``bench`` writes as JSON and renders as Markdown and plots."""
-    tasks = list(track.tasks)
+    tasks = track.task_names()
     experts = {t: expert_scores[t]["score"] for t in tasks}
     grouped: dict[tuple[str, str], list[dict]] = {}
     for record in records:

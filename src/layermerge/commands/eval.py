@@ -1,8 +1,11 @@
-"""`layermerge eval MODEL_DIR --tasks sst2,rte [--experts sst2=DIR,...] [--output DIR]`.
+"""`layermerge eval MODEL_DIR --tasks sst2,rte [--task reviews.yaml] [--experts sst2=DIR,...] [--output DIR]`.
 
 MODEL_DIR is a merged output folder (each task is scored with the merged backbone plus that task's
-own head) or a single fine-tuned model. With ``--experts`` each expert is scored on its own task
-too, and the report adds the normalised score (model ÷ expert).
+own head) or a single fine-tuned model. A task is a built-in name or a task spec file; ``HEAD=TASK``
+scores a merged folder's head HEAD on TASK. Without tasks, a merged folder's heads are scored on the
+tasks its merge recorded (or the built-in tasks of their names), an expert on the task it was
+fine-tuned on. With ``--experts`` each expert is scored on its own task too, and the report adds the
+normalised score (model ÷ expert).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from pathlib import Path
 
 from layermerge.commands.common import add_threads_option, apply_threads
-from layermerge.errors import ConfigError
+from layermerge.errors import ConfigError, LayermergeError
 
 
 def add_parser(subparsers):
@@ -20,8 +23,11 @@ def add_parser(subparsers):
         description="Evaluate MODEL_DIR on each task's split and print a table: per-task metric, "
                     "average and, with --experts, the normalised score.")
     parser.add_argument("model", metavar="MODEL_DIR", help="merged output folder or fine-tuned model folder")
-    parser.add_argument("--tasks", help="comma-separated tasks (default: every head in a merged folder, or "
-                                        "the task a layermerge-fine-tuned model was trained on)")
+    parser.add_argument("--tasks", help="comma-separated tasks: built-in names or task spec files, each optionally "
+                                        "HEAD=TASK (default: every head in a merged folder, or the task a "
+                                        "layermerge-fine-tuned model was trained on)")
+    parser.add_argument("--task", action="append", default=[], metavar="TASK",
+                        help="one task (a built-in name or a task spec file, optionally HEAD=TASK); repeatable")
     parser.add_argument("--experts", help="TASK=DIR pairs, comma-separated: experts scored on their own task "
                                           "for the normalised score")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"],
@@ -39,10 +45,8 @@ def add_parser(subparsers):
     return parser
 
 
-def parse_experts(text: str | None) -> dict[str, str]:
-    """``'sst2=a/,rte=b/'`` -> {'sst2': 'a/', 'rte': 'b/'}."""
-    from layermerge.data.tasks import get_task
-
+def parse_experts(text: str | None, tasks: dict) -> dict[str, str]:
+    """``'sst2=a/,rte=b/'`` -> {'sst2': 'a/', 'rte': 'b/'}; names are the evaluated tasks' names."""
     if not text:
         return {}
     experts = {}
@@ -50,24 +54,80 @@ def parse_experts(text: str | None) -> dict[str, str]:
         name, sep, folder = item.partition("=")
         if not sep or not name.strip() or not folder.strip():
             raise ConfigError(f"--experts entry {item!r} is not TASK=DIR (e.g. --experts sst2=experts/sst2)")
-        task = get_task(name).name
+        task = _task_name(name.strip(), tasks)
         if task in experts:
             raise ConfigError(f"--experts names task {task!r} twice")
         experts[task] = folder.strip()
     return experts
 
 
-def default_tasks(folder: Path) -> list[str]:
+def _task_name(name: str, tasks: dict) -> str:
+    """A task named in --experts: one of the evaluated tasks (by name, or a built-in's other spelling)."""
+    from layermerge.data.tasks import get_task
+
+    if name in tasks:
+        return name
+    try:
+        resolved = get_task(name).name
+    except LayermergeError:
+        resolved = None
+    if resolved not in tasks:
+        raise ConfigError(f"--experts names task {name!r}, which is not in --tasks/--task {list(tasks)}")
+    return resolved
+
+
+def parse_tasks(entries: list[str]) -> dict[str, tuple]:
+    """``['sst2', 'head=reviews.yaml']`` -> {task name: (Task, head or None)}."""
+    from layermerge.data.tasks import get_task
+
+    tasks = {}
+    for entry in entries:
+        head, sep, reference = entry.partition("=")
+        if not sep:
+            head, reference = None, entry
+        if not reference.strip() or (sep and not head.strip()):
+            raise ConfigError(f"task entry {entry!r} is not TASK or HEAD=TASK (e.g. --task reviews.yaml)")
+        task = get_task(reference.strip())
+        if task.name in tasks:
+            raise ConfigError(f"task {task.name!r} is given twice")
+        tasks[task.name] = (task, head.strip() if head else None)
+    return tasks
+
+
+def default_tasks(folder: Path) -> dict[str, tuple]:
+    """The tasks a folder is for: a merged folder's heads (on the tasks its merge recorded, else the built-in
+    task of each head's name), or the task a layermerge-fine-tuned model was trained on."""
+    from layermerge.data.tasks import get_task
     from layermerge.finetune import read_marker
 
     if (folder / "heads").is_dir():
-        tasks = sorted(p.name for p in (folder / "heads").iterdir() if p.is_dir())
-        if tasks:
+        heads = sorted(p.name for p in (folder / "heads").iterdir() if p.is_dir())
+        if heads:
+            recorded = recorded_tasks(folder)
+            tasks = {}
+            for head in heads:
+                try:
+                    task = get_task(recorded.get(head) or head)
+                except LayermergeError as exc:
+                    raise ConfigError(f"head {head!r} of {folder}: {exc}. Pass --task {head}=TASK_SPEC") from None
+                tasks[task.name] = (task, head)
             return tasks
     marker = read_marker(folder)
-    if marker and marker.get("task"):
-        return [marker["task"]]
-    raise ConfigError(f"cannot tell which tasks {folder} is for; pass --tasks (e.g. --tasks sst2,rte)")
+    if marker and (marker.get("task_spec") or marker.get("task")):
+        task = get_task(marker.get("task_spec") or marker["task"])
+        return {task.name: (task, None)}
+    raise ConfigError(f"cannot tell which tasks {folder} is for; pass --tasks (e.g. --tasks sst2,rte) or "
+                      "--task SPEC_FILE")
+
+
+def recorded_tasks(folder: Path) -> dict:
+    """head -> task spec, as a data-driven merge recorded them in layermerge_summary.json."""
+    try:
+        summary = json.loads((folder / "layermerge_summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    tasks = (summary.get("summary") or {}).get("task_specs") if isinstance(summary, dict) else None
+    return {head: spec for head, spec in (tasks or {}).items() if isinstance(spec, dict)}
 
 
 def model_label(folder: Path) -> str:
@@ -79,7 +139,6 @@ def model_label(folder: Path) -> str:
 
 
 def run(args) -> int:
-    from layermerge.data.tasks import parse_task_list
     from layermerge.errors import CheckpointError
     from layermerge.eval.evaluate import evaluate
     from layermerge.eval.report import new_report
@@ -88,11 +147,13 @@ def run(args) -> int:
     folder = Path(args.model).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
-    tasks = [t.name for t in parse_task_list(args.tasks)] if args.tasks else default_tasks(folder)
-    experts = parse_experts(args.experts)
-    stray = [t for t in experts if t not in tasks]
-    if stray:
-        raise ConfigError(f"--experts names task(s) {stray} that are not in --tasks {tasks}")
+    entries = [e.strip() for e in (args.tasks.split(",") if args.tasks else [])] + list(args.task)
+    if args.tasks is not None and (not args.tasks.strip() or any(not e for e in entries)):
+        raise ConfigError(f"bad task list {args.tasks!r}: give comma-separated task names or spec files")
+    chosen = parse_tasks(entries) if entries else default_tasks(folder)
+    tasks = {name: task for name, (task, _) in chosen.items()}
+    heads = {name: head for name, (_, head) in chosen.items() if head is not None}
+    experts = parse_experts(args.experts, tasks)
     options = dict(split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
                    max_length=args.max_length, tokenizer=args.tokenizer, data_dir=args.data_dir,
                    quiet=args.quiet)
@@ -101,13 +162,13 @@ def run(args) -> int:
     if experts:
         if not args.quiet:
             print(f"evaluating {len(experts)} expert(s) on their own tasks")
-        expert_results = evaluate({t: Path(d) for t, d in experts.items()}, list(experts), **options)
+        expert_results = evaluate({t: Path(d) for t, d in experts.items()}, [tasks[t] for t in experts], **options)
     if not args.quiet:
         print(f"evaluating {folder} on {', '.join(tasks)}")
-    results = evaluate(folder, tasks, **options)
+    results = evaluate(folder, list(tasks.values()), heads=heads, **options)
 
     settings = {"split": args.split, "max_examples": args.max_examples, "max_length": args.max_length}
-    report = new_report(tasks, {t: r.score for t, r in expert_results.items()}, settings)
+    report = new_report(list(tasks.values()), {t: r.score for t, r in expert_results.items()}, settings)
     if expert_results:
         report.add("experts", expert_results, note="each on its own task")
     report.add(model_label(folder), results)

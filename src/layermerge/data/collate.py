@@ -2,6 +2,8 @@
 
 Text is padded per batch to its longest row (dynamic padding), so batches of short sentences cost
 little; ``length_grouped_batches`` makes batches of similar lengths to waste even less on padding.
+Generation tasks (prompt -> completion) are tokenised with the tokenizer's chat template when it has
+one (``GenerationCollator``, ``prompt_ids``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,80 @@ class TextCollator:
                                     return_tensors="pt"))
         dtype = torch.float32 if self.task.is_regression else torch.long
         batch["labels"] = torch.tensor([row[self.task.label_field] for row in rows], dtype=dtype)
+        return batch
+
+
+IGNORE_INDEX = -100      # label of tokens the loss skips (prompt and padding), as transformers' losses do
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id; causal LM tokenizers often have none, so their end-of-text id (else 0)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def uses_chat_template(tokenizer, task: Task) -> bool:
+    return task.chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer, task: Task, prompt: str) -> list[int]:
+    """A generation prompt's token ids: in the tokenizer's chat template (a user turn, then the start of
+    the assistant's) when it has one and the task allows it, else the plain text with the tokenizer's
+    special tokens (e.g. BOS)."""
+    if uses_chat_template(tokenizer, task):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": str(prompt)}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(str(prompt), add_special_tokens=True)["input_ids"])
+
+
+def completion_ids(tokenizer, completion: str) -> list[int]:
+    """A completion's token ids followed by end-of-text, so a fine-tuned model learns where to stop."""
+    ids = list(tokenizer(str(completion), add_special_tokens=False)["input_ids"])
+    return ids + ([int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else [])
+
+
+class GenerationCollator:
+    """rows -> {input_ids, attention_mask[, labels]} for prompt -> completion tasks (causal LMs).
+
+    ``include_completion``: the prompt followed by its completion (fine-tuning, and few-shot inputs as
+    ProDistill's code feeds them), else the prompt alone. ``labels`` (with ``with_labels``) are the
+    completion's ids, IGNORE_INDEX on prompt and padding, so fine-tuning learns the completion only.
+    Sequences longer than ``max_length`` are cut at the end; padding is on the right.
+    """
+
+    def __init__(self, tokenizer, task: Task, max_length: int = 512, include_completion: bool = True,
+                 with_labels: bool = False):
+        if not task.is_generation:
+            raise DataError(f"task {task.name!r} is not a generation task; use TextCollator")
+        if max_length <= 0:
+            raise DataError(f"max_length must be positive, got {max_length}")
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        self.include_completion, self.with_labels = include_completion, with_labels
+
+    def encode(self, row: dict) -> tuple[list[int], list[int]]:
+        prompt = prompt_ids(self.tokenizer, self.task, row[self.task.prompt])
+        completion = completion_ids(self.tokenizer, row[self.task.completion]) if self.include_completion else []
+        ids = (prompt + completion)[:self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:self.max_length]
+        return ids, labels
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(row) for row in rows]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = pad_token_id(self.tokenizer)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, targets) in enumerate(encoded):
+            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[i, :len(ids)] = 1
+            labels[i, :len(targets)] = torch.tensor(targets, dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        if self.with_labels:
+            batch["labels"] = labels
         return batch
 
 
@@ -75,9 +151,11 @@ class ImageCollator:
 
 def row_lengths(data: TaskData) -> np.ndarray:
     """Character length of each row's text (a cheap stand-in for token length); zeros for images."""
-    if not data.task.is_text:
+    task = data.task
+    if task.is_image:
         return np.zeros(len(data), dtype=np.int64)
-    return np.array([sum(len(str(data[i][f])) for f in data.task.text_fields) for i in range(len(data))])
+    fields = (task.prompt, task.completion) if task.is_generation else task.text_fields
+    return np.array([sum(len(str(data[i][f])) for f in fields) for i in range(len(data))])
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,

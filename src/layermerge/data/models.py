@@ -224,41 +224,45 @@ def is_merged_folder(folder: Path) -> bool:
     return (folder / "heads").is_dir()
 
 
-def vision_spec_of(folder: str | Path, task: Task | None = None) -> VisionSpec | None:
-    """The vision spec of an expert folder, or of task ``task``'s head in a merged folder; None for text."""
+def vision_spec_of(folder: str | Path, head: str | None = None) -> VisionSpec | None:
+    """The vision spec of an expert folder, or of head ``head`` in a merged folder; None for text."""
     folder = Path(folder)
-    config_dir = folder / "heads" / task.name if task is not None and is_merged_folder(folder) else folder
+    config_dir = folder / "heads" / head if head is not None and is_merged_folder(folder) else folder
     config = _read_json(config_dir / "config.json") or {}
     return VisionSpec.from_config(config, str(config_dir)) if VISION_KEY in config else None
 
 
-def load_model(folder: str | Path, task: Task) -> nn.Module:
+def load_model(folder: str | Path, task: Task, head: str | None = None) -> nn.Module:
     """The model that predicts ``task`` from ``folder``: an expert / fine-tuned model folder, or a
-    merged output folder (its merged backbone plus the task's own head), in eval mode."""
+    merged output folder (its merged backbone plus the head called ``head``, by default the task's
+    name), in eval mode. Generation tasks get a causal language model."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
     if is_merged_folder(folder):
-        head_dir = folder / "heads" / task.name
+        head = head or task.name
+        head_dir = folder / "heads" / head
         if not head_dir.is_dir():
             present = sorted(p.name for p in (folder / "heads").iterdir())
-            raise CheckpointError(f"merged folder {folder} has no head for task {task.name!r}; heads "
-                                  f"present: {present}. Merge an expert for that task, or drop it from "
-                                  "--tasks")
-        spec = vision_spec_of(folder, task)
+            raise CheckpointError(f"merged folder {folder} has no head {head!r} for task {task.name!r}; heads "
+                                  f"present: {present}. Merge an expert for that task, drop it from the tasks, "
+                                  "or name the head: --task HEAD=TASK")
+        spec = vision_spec_of(head_dir)
         if spec is not None:
             model = _load_merged_vision(folder, head_dir, spec)
         else:
             import layermerge
 
             with quiet_transformers():
-                model = layermerge.load_task_model(folder, task.name)
+                model = layermerge.load_task_model(folder, head)
     else:
         spec = vision_spec_of(folder)
         if spec is not None:
             model, _ = load_vision_model(folder)
+        elif task.is_generation:
+            model = load_hf_model(folder, "AutoModelForCausalLM", "causal language model", dtype=torch.float32)
         else:
-            model = load_hf_classifier(folder)
+            model = load_hf_model(folder, "AutoModelForSequenceClassification", "sequence classifier")
     check_outputs(model, task, folder)
     return model.eval()
 
@@ -277,17 +281,18 @@ def _load_merged_vision(folder: Path, head_dir: Path, spec: VisionSpec) -> nn.Mo
     return model
 
 
-def load_hf_classifier(folder: Path) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
+def load_hf_model(folder: Path, auto_class: str, what: str, **options) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(folder, **options)`` with one-line errors."""
+    import transformers
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: it is neither a Hugging Face model folder nor a "
                               "layermerge vision model")
     try:
         with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(folder)
+            return getattr(transformers, auto_class).from_pretrained(folder, **options)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load a sequence classifier from {folder}: {exc}") from None
+        raise CheckpointError(f"cannot load a {what} from {folder}: {str(exc).splitlines()[0]}") from None
 
 
 def num_outputs(model: nn.Module) -> int | None:
@@ -301,6 +306,12 @@ def num_outputs(model: nn.Module) -> int | None:
 
 
 def check_outputs(model: nn.Module, task: Task, where: Path) -> None:
+    if task.is_generation:
+        if getattr(model, "generate", None) is None or not hasattr(model, "get_output_embeddings") \
+                or model.get_output_embeddings() is None:
+            raise CheckpointError(f"the model from {where} is not a causal language model, but task {task.name!r} "
+                                  "is a generation task")
+        return
     outputs = num_outputs(model)
     if outputs is not None and outputs != task.model_num_labels:
         raise CheckpointError(f"the model from {where} has {outputs} outputs but task {task.name!r} needs "

@@ -4,7 +4,8 @@
 (never validation or test, so few-shot merging cannot leak evaluation data). For classification it
 is stratified and balanced: every class gets ⌊k/C⌋ examples and the remaining k mod C go to classes
 picked in a seeded random order; a class with too few examples gives its unfilled share to the
-others. Regression tasks (STS-B) and ``stratified=False`` draw uniformly without replacement. The
+others. Regression tasks (STS-B), generation tasks and ``stratified=False`` draw uniformly without
+replacement. The
 same (task, k, seed) always yields the same examples, returned in their train-file order.
 """
 
@@ -59,6 +60,7 @@ def sample_few_shot(task: str | Task, k: int, seed: int = 0, *, stratified: bool
     if not isinstance(k, int) or k <= 0:
         raise DataError(f"few-shot size k must be a positive integer, got {k!r}")
     if k > len(train):
-        raise DataError(f"asked for {k} examples of {task.name} but its train split has only {len(train)}")
-    indices = few_shot_indices(train.labels, k, seed, stratified, task.is_regression)
+        raise DataError(f"asked for {k} examples of {task.name} but its train split has only {len(train)}; "
+                        f"ask for {len(train)} or fewer (shots)")
+    indices = few_shot_indices(train.labels, k, seed, stratified, task.type != "classification")
     return train.subset(indices)

@@ -1,11 +1,13 @@
-"""Loading a task's split: local JSONL/NPZ files first, the usual public source otherwise.
+"""Loading a task's split: the files its spec names, its Hugging Face dataset, or a public copy.
 
-Where the local data lives, in order: an explicit ``data_dir`` argument; the ``LAYERMERGE_DATA``
-environment variable; ``../shared/data`` relative to the working directory and to the repository
-root. Text tasks are ``glue/<task>/{train,validation,test}.jsonl``, image tasks
-``vision/<task>.npz`` (train and test only). When no local copy exists, text tasks come from
-Hugging Face ``nyu-mll/glue`` and image tasks from torchvision; both are imported only then, and a
-missing package or an offline machine is a DataError that says what to do.
+A user's task names its files (relative to its spec file); they are read by format
+(``layermerge.data.readers``) and every row is checked against the spec as it is read: the fields
+exist, class labels are declared names or ids (names become ids), regression labels are numbers in
+range. Built-in tasks name files inside the local data folder, found in this order: an explicit
+``data_dir`` argument; the ``LAYERMERGE_DATA`` environment variable; ``../shared/data`` relative to
+the working directory and to the repository root. Without a local copy they come from their public
+source (GLUE from Hugging Face ``nyu-mll/glue``, image tasks from torchvision; both imported only
+then, and a missing package or an offline machine is a DataError that says what to do).
 
 Public fallback splits (so they keep the local files' meaning): ``test`` is GLUE's validation split
 (``validation_matched`` for MNLI); ``validation`` is a seeded holdout of min(1000, 10%) examples of
@@ -14,19 +16,19 @@ GLUE's train split and ``train`` is the rest of it.
 
 from __future__ import annotations
 
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from layermerge.data.tasks import Task, get_task
+from layermerge.data.readers import decode_image, file_format, read_image_folder, read_npz, read_table, stack_images
+from layermerge.data.tasks import DATA_FOLDER, Task, get_task
 from layermerge.errors import DataError
+from layermerge.io.paths import missing_path_message
 
 ENV_VAR = "LAYERMERGE_DATA"
-TEXT_SPLITS = ("train", "validation", "test")
-IMAGE_SPLITS = ("train", "test")
+GLUE_SOURCE = "nyu-mll/glue"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -77,6 +79,9 @@ class TextData(TaskData):
 
     @property
     def labels(self) -> np.ndarray:
+        """Class ids, regression targets, or (generation) the reference completions as text."""
+        if self.task.is_generation:
+            return np.array([str(row[self.task.completion]) for row in self.rows], dtype=object)
         dtype = np.float32 if self.task.is_regression else np.int64
         return np.array([row[self.task.label_field] for row in self.rows], dtype=dtype)
 
@@ -134,91 +139,187 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path | None:
     return None
 
 
-def local_file(task: Task, split: str, root: Path) -> Path:
-    if task.is_text:
-        return root / "glue" / task.name / f"{split}.jsonl"
-    return root / "vision" / f"{task.name}.npz"
+def split_file(task: Task, split: str, data_dir: str | Path | None) -> Path | None:
+    """The file (or image folder) of ``task``'s ``split``, or None when the spec gives none. Files of
+    built-in tasks (directory $LAYERMERGE_DATA) are looked up in the local data folder; None there too
+    when no local data folder exists, so the public copy is used."""
+    name = task.files.get(split)
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    if task.directory == DATA_FOLDER:
+        root = find_data_dir(data_dir)
+        return None if root is None else root / path
+    return Path(task.directory or Path.cwd()) / path
 
 
 def load_split(task: str | Task, split: str = "train", data_dir: str | Path | None = None) -> TaskData:
-    """One split of a task, from the local copy when there is one, else from its public source."""
+    """One split of a task: from its file when there is one, else from its Hugging Face dataset or (built-in
+    tasks) its public source. Every row is checked against the spec (fields, labels) as it is read."""
     task = get_task(task)
-    splits = TEXT_SPLITS if task.is_text else IMAGE_SPLITS
-    if split not in splits:
-        raise DataError(f"task {task.name!r} has no split {split!r}; its splits are {', '.join(splits)}")
-    root = find_data_dir(data_dir)
+    if split not in task.splits:
+        given = ", ".join(task.splits) or "none"
+        raise DataError(f"task {task.name!r} has no {split} split (its spec gives: {given}); add "
+                        f"'{split}: FILE' under files: in its spec")
+    path = split_file(task, split, data_dir)
     explicit = data_dir is not None or bool(os.environ.get(ENV_VAR))
-    if root is not None:
-        path = local_file(task, split, root)
-        if path.is_file():
-            return _load_local(task, split, str(path), path.stat().st_mtime_ns)
-        if explicit:
-            raise DataError(f"no local data for {task.name}/{split}: expected {path}. Put the file there, "
-                            f"or unset {ENV_VAR}/--data-dir to use the public source")
-    if task.is_text:
+    if path is not None:
+        if path.exists():
+            # Images live in other files than the one named (class folders, paths in a table), so a changed
+            # image would not change the key: image tasks other than .npz archives are read afresh.
+            load = _load_file.__wrapped__ if task.is_image and task.format != "npz" and path.suffix != ".npz" \
+                else _load_file
+            data = load(task, split, str(path), path.stat().st_mtime_ns)
+            if len(data) == 0:
+                raise DataError(f"{path} holds no examples for task {task.name!r} (split {split})")
+            return data
+        if task.fallback is None or explicit or task.directory != DATA_FOLDER:
+            raise DataError(_missing_file(task, split, path))
+    if task.hub is not None and split in task.hub.splits:
+        return _load_hub(task, split)
+    if task.fallback == "glue":
         return _load_glue_hub(task, split)
-    return _load_torchvision(task, split)
+    if task.fallback is not None and task.fallback.startswith("torchvision:"):
+        return _load_torchvision(task, split)
+    raise DataError(f"task {task.name!r} has no file for its {split} split")
+
+
+def _missing_file(task: Task, split: str, path: Path) -> str:
+    if task.directory == DATA_FOLDER and task.fallback is not None:
+        return (f"no local data for {task.name}/{split}: expected {path}. Put the file there, or unset "
+                f"{ENV_VAR}/--data-dir to use the public source")
+    return missing_path_message(f"data file of task {task.name!r} ({split} split)", path)
 
 
 @lru_cache(maxsize=64)
-def _load_local(task: Task, split: str, path: str, mtime_ns: int) -> TaskData:
-    """Cached per (file, modification time): repeated loads in one process are free."""
-    if task.is_text:
-        return TextData(task, split, _read_jsonl(task, Path(path)), path)
-    return _read_npz(task, split, Path(path))
+def _load_file(task: Task, split: str, path: str, mtime_ns: int) -> TaskData:
+    """Cached per (task, file, modification time): repeated loads in one process are free."""
+    path = Path(path)
+    fmt = file_format(path, task.format)
+    if fmt == "npz":
+        images, labels = read_npz(path, split)
+        _check_class_ids(task, labels, f"{path}: y_{split}")
+        return ImageData(task, split, images, labels, str(path))
+    if fmt == "image_folder":
+        if not path.is_dir():
+            raise DataError(f"{path} is not a folder; an image_folder task names a folder with one subfolder per "
+                            "class")
+        images, labels, _ = read_image_folder(path, list(task.label_names))
+        if not images:
+            raise DataError(f"{path} holds no images (.png, .jpg ...) in subfolders named after the labels "
+                            f"{list(task.label_names)}")
+        return ImageData(task, split, stack_images(images, task.image_size, str(path)),
+                         np.array(labels, dtype=np.int64), str(path))
+    table = read_table(path, fmt)
+    return rows_to_data(task, split, table.rows, table.places, str(path), path.parent)
 
 
-def _read_jsonl(task: Task, path: Path) -> list[dict]:
-    rows = []
-    needed = (*task.text_fields, task.label_field)
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            missing = [f for f in needed if f not in row]
-            if missing:
-                raise DataError(f"{path}:{number}: missing field(s) {missing}; task {task.name!r} needs "
-                                f"{list(needed)}")
-            _check_label(task, row[task.label_field], f"{path}:{number}")
-            rows.append(row)
+def rows_to_data(task: Task, split: str, rows: list[dict], places: list[str], origin: str,
+                 folder: Path) -> TaskData:
+    """Check each row against the spec and return the split: text rows, or decoded images with labels."""
     if not rows:
-        raise DataError(f"{path} holds no examples")
-    return rows
+        raise DataError(f"{origin} holds no examples for task {task.name!r} (split {split})")
+    needed = _needed_fields(task)
+    checked = []
+    for row, place in zip(rows, places):
+        missing = [f for f in needed if f not in row]
+        if missing:
+            raise DataError(f"{place}: no field {missing[0]!r} (task {task.name!r} reads {', '.join(needed)}); "
+                            f"the row has fields: {', '.join(map(str, row)) or 'none'}")
+        checked.append(_checked_row(task, row, place))
+    if task.is_image:
+        images = [decode_image(row[task.image], folder, place) for row, place in zip(checked, places)]
+        labels = np.array([row[task.label] for row in checked], dtype=np.int64)
+        return ImageData(task, split, stack_images(images, task.image_size, origin), labels, origin)
+    return TextData(task, split, checked, origin)
 
 
-def _check_label(task: Task, label, where: str) -> None:
-    if task.is_regression:
-        if not isinstance(label, (int, float)):
-            raise DataError(f"{where}: label {label!r} is not a number (task {task.name!r} is a regression)")
-    elif not isinstance(label, int) or not 0 <= label < task.num_labels:
-        raise DataError(f"{where}: label {label!r} is not a class id in 0..{task.num_labels - 1} "
-                        f"(task {task.name!r})")
+def _needed_fields(task: Task) -> tuple[str, ...]:
+    if task.is_generation:
+        return (task.prompt, task.completion)
+    if task.is_image:
+        return (task.image, task.label)
+    return (*task.text_fields, task.label)
 
 
-def _read_npz(task: Task, split: str, path: Path) -> ImageData:
+def _checked_row(task: Task, row: dict, place: str) -> dict:
+    """The row with its label as a class id (classification) or a float (regression)."""
+    if task.is_generation:
+        for field in (task.prompt, task.completion):
+            if not isinstance(row[field], (str, int, float)) or isinstance(row[field], bool):
+                raise DataError(f"{place}: field {field!r} holds {type(row[field]).__name__}, not text")
+        return row
+    for field in task.text_fields:
+        if not isinstance(row[field], str):
+            raise DataError(f"{place}: text field {field!r} holds {type(row[field]).__name__}, not text")
+    value = row[task.label]
+    label = _regression_label(task, value, place) if task.is_regression else _class_id(task, value, place)
+    return row if label is value else {**row, task.label: label}
+
+
+def _class_id(task: Task, value, place: str) -> int:
+    names = task.label_names
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    number = value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, int) and not isinstance(number, bool) and 0 <= number < task.num_labels:
+        return number
+    declared = f"the declared labels {list(names)} or their ids 0..{len(names) - 1}" if names else \
+        f"the class ids 0..{task.num_labels - 1}"
+    raise DataError(f"{place}: label {value!r} is not one of {declared} (task {task.name!r})")
+
+
+def _regression_label(task: Task, value, place: str) -> float:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            x_key, y_key = f"x_{split}", f"y_{split}"
-            if x_key not in archive.files or y_key not in archive.files:
-                raise DataError(f"{path} lacks arrays {x_key!r}/{y_key!r}; it holds {archive.files}")
-            images, labels = archive[x_key], archive[y_key].astype(np.int64)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DataError(f"{path}: {x_key} must be uint8 N×H×W or N×H×W×3, got {images.dtype} {images.shape}")
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != number:
+        raise DataError(f"{place}: label {value!r} is not a number (task {task.name!r} is a regression)")
+    if task.range is not None and not task.range[0] <= number <= task.range[1]:
+        raise DataError(f"{place}: label {number} is outside the task's range [{task.range[0]}, {task.range[1]}]")
+    return value if isinstance(value, (int, float)) else number
+
+
+def _check_class_ids(task: Task, labels: np.ndarray, where: str) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= task.num_labels):
-        raise DataError(f"{path}: {y_key} has labels outside 0..{task.num_labels - 1}")
-    return ImageData(task, split, images, labels, str(path))
+        raise DataError(f"{where} has labels outside 0..{task.num_labels - 1} (task {task.name!r})")
 
 
 # --------------------------------------------------------------------------- public sources
 def _holdout(n: int, seed: int = 0) -> np.ndarray:
     size = min(1000, n // 10)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _import_datasets(task: Task, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"task {task.name!r} ({split}) comes from the Hugging Face Hub, but the 'datasets' package "
+                        "is not installed: pip install datasets, or give local files under files:") from None
+    return datasets
+
+
+@lru_cache(maxsize=16)
+def _load_hub(task: Task, split: str) -> TaskData:
+    datasets = _import_datasets(task, split)
+    hub_split = task.hub.splits[split]
+    try:
+        dataset = datasets.load_dataset(task.hub.path, task.hub.name, split=hub_split)
+    except Exception as exc:  # network errors come in many types; all mean the same to the user
+        raise DataError(f"cannot load {task.hub.path} ({hub_split}) from the Hugging Face Hub for task "
+                        f"{task.name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+                        "Offline? Download it elsewhere and give local files under files:") from None
+    rows = [dict(row) for row in dataset]
+    origin = f"hf:{task.hub.path}{'/' + task.hub.name if task.hub.name else ''}:{hub_split}"
+    return rows_to_data(task, split, rows, [f"{origin} row {i + 1}" for i in range(len(rows))], origin, Path.cwd())
 
 
 @lru_cache(maxsize=16)
@@ -232,15 +333,15 @@ def _load_glue_hub(task: Task, split: str) -> TextData:
     hub_split = "validation_matched" if task.name == "mnli" else "validation"
     hub_split = hub_split if split == "test" else "train"
     try:
-        dataset = datasets.load_dataset(task.source, task.name, split=hub_split)
+        dataset = datasets.load_dataset(GLUE_SOURCE, task.name, split=hub_split)
     except Exception as exc:  # network errors come in many types; all mean the same to the user
-        raise DataError(f"cannot load {task.source}/{task.name} ({hub_split}) from the Hugging Face Hub: "
+        raise DataError(f"cannot load {GLUE_SOURCE}/{task.name} ({hub_split}) from the Hugging Face Hub: "
                         f"{exc}. Offline? Set LAYERMERGE_DATA or --data-dir to a local copy") from None
     rows = [dict(row) for row in dataset]
     if split != "test":
         held = set(_holdout(len(rows)).tolist())
         rows = [r for i, r in enumerate(rows) if (i in held) == (split == "validation")]
-    return TextData(task, split, rows, f"hf:{task.source}/{task.name}:{hub_split}")
+    return TextData(task, split, rows, f"hf:{GLUE_SOURCE}/{task.name}:{hub_split}")
 
 
 @lru_cache(maxsize=16)
@@ -252,14 +353,15 @@ def _load_torchvision(task: Task, split: str) -> ImageData:
                         f"{', '.join(map(str, candidate_data_dirs()))}) and torchvision is not installed: "
                         "pip install torchvision, or set LAYERMERGE_DATA / --data-dir") from None
     root = Path(os.environ.get("LAYERMERGE_CACHE", Path.home() / ".cache" / "layermerge")) / "torchvision"
-    cls = getattr(torchvision.datasets, task.source)
+    source = task.fallback.removeprefix("torchvision:")
+    cls = getattr(torchvision.datasets, source)
     try:
-        if task.source == "GTSRB":
+        if source == "GTSRB":
             dataset = cls(root=str(root), split=split, download=True)
         else:
             dataset = cls(root=str(root), train=(split == "train"), download=True)
     except Exception as exc:
-        raise DataError(f"cannot download {task.source} with torchvision: {exc}. Offline? Set "
+        raise DataError(f"cannot download {source} with torchvision: {exc}. Offline? Set "
                         "LAYERMERGE_DATA or --data-dir to a local copy") from None
     images, labels = [], []
     for image, label in dataset:
@@ -268,4 +370,4 @@ def _load_torchvision(task: Task, split: str) -> ImageData:
         images.append(np.asarray(image, dtype=np.uint8))
         labels.append(int(label))
     return ImageData(task, split, np.stack(images), np.array(labels, dtype=np.int64),
-                     f"torchvision:{task.source}")
+                     task.fallback)

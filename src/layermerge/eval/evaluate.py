@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layermerge.data.collate import TextCollator, length_grouped_batches, row_lengths
+from layermerge.data.collate import GenerationCollator, TextCollator, length_grouped_batches, row_lengths
 from layermerge.data.models import (
     check_text_model,
     fitted_length,
@@ -29,10 +29,13 @@ from layermerge.data.models import (
 from layermerge.data.sources import TaskData, load_split
 from layermerge.data.tasks import Task, get_task
 from layermerge.errors import DataError
+from layermerge.eval.generation import generate_answers
 from layermerge.eval.metrics import task_score
+from layermerge.eval.scorers import check_scorer, load_scorer, score_answers
 from layermerge.progress import progress
 
 DEFAULT_MAX_LENGTH = 128      # tokens per text example, unless the model's positions allow fewer
+DEFAULT_PROMPT_LENGTH = 512   # tokens of a generation prompt (its end is kept), likewise
 
 ModelSource = str | Path | nn.Module
 
@@ -77,24 +80,27 @@ def predict(model: nn.Module, task: Task, data: TaskData, collator: Callable, ba
 
 def score_predictions(task: Task, predictions: np.ndarray, data: TaskData,
                       seconds: float = 0.0) -> TaskResult:
-    score, parts = task_score(task.metric, predictions, data.labels)
-    return TaskResult(task.name, task.metric, score, parts, len(data), data.split, round(seconds, 3))
+    metric = task.score_metric
+    score, parts = task_score(load_scorer(task) if ":" in metric else metric, predictions, data.labels)
+    return TaskResult(task.name, metric, score, parts, len(data), data.split, round(seconds, 3))
 
 
 def collator_for(source: ModelSource, task: Task, tokenizer=None, max_length: int = 128,
-                 image_collator: Callable | None = None) -> Callable:
+                 image_collator: Callable | None = None, head: str | None = None) -> Callable:
     """Tokenise with the given tokenizer (or the folder's own); preprocess images as the model's spec says."""
-    if task.is_text:
+    if not task.is_image:
         if tokenizer is None:
             if not isinstance(source, (str, Path)):
                 raise DataError(f"task {task.name!r} is a text task: pass tokenizer= with an in-memory model")
             tokenizer = source
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
+        if task.is_generation:
+            return GenerationCollator(tokenizer, task, max_length, include_completion=False)
         return TextCollator(tokenizer, task, max_length)
     if image_collator is not None:
         return image_collator
-    spec = vision_spec_of(source, task) if isinstance(source, (str, Path)) else None
+    spec = vision_spec_of(source, head or task.name) if isinstance(source, (str, Path)) else None
     if spec is None:
         raise DataError(f"task {task.name!r} is an image task: pass image_collator= (an ImageCollator) "
                         "or a saved layermerge vision model folder")
@@ -105,21 +111,30 @@ def evaluate_task(source: ModelSource, task: str | Task, split: str = "test",
                   max_examples: int | None = None, *, batch_size: int = 64, max_length: int | None = None,
                   tokenizer=None, image_collator=None,
                   data_dir: str | Path | None = None, seed: int = 0, quiet: bool = True,
-                  desc: str | None = None) -> TaskResult:
-    """Score one task. ``source`` is a folder (expert or merged) or an in-memory model. ``max_length``
-    defaults to 128 tokens, or the model's position limit when that is smaller."""
+                  desc: str | None = None, head: str | None = None) -> TaskResult:
+    """Score one task. ``source`` is a folder (expert or merged) or an in-memory model; in a merged folder
+    the task's head is ``head`` (default: the task's name). ``max_length`` defaults to 128 tokens (512 of
+    prompt for generation tasks), or the model's position limit when that is smaller."""
     task = get_task(task)
+    check_scorer(task)
     data = load_split(task, split, data_dir=data_dir).take(max_examples, seed)
-    model = load_model(source, task) if isinstance(source, (str, Path)) else source
+    model = load_model(source, task, head) if isinstance(source, (str, Path)) else source
     if max_length is None:
         config = getattr(model, "config", None)
-        max_length = fitted_length(DEFAULT_MAX_LENGTH, config.to_dict() if hasattr(config, "to_dict") else None)
-    collator = collator_for(source, task, tokenizer, max_length, image_collator)
-    if isinstance(source, (str, Path)) and isinstance(collator, TextCollator):     # before any prediction
+        default = DEFAULT_PROMPT_LENGTH if task.is_generation else DEFAULT_MAX_LENGTH
+        max_length = fitted_length(default, config.to_dict() if hasattr(config, "to_dict") else None)
+    collator = collator_for(source, task, tokenizer, max_length, image_collator, head)
+    if isinstance(source, (str, Path)) and not task.is_image:     # before any prediction
         check_text_model(Path(source), collator.tokenizer, max_length, "max_length (--max-length)",
                          "Name the model's tokenizer with --tokenizer DIR (tokenizer= in Python)",
                          named=tokenizer is not None)
     started = time.perf_counter()
+    if task.is_generation:
+        answers = generate_answers(model, collator.tokenizer, task, data, batch_size=batch_size,
+                                   max_length=max_length, quiet=quiet, desc=desc)
+        score, parts = score_answers(task, answers, data.rows)
+        return TaskResult(task.name, task.score_metric, score, parts, len(data), data.split,
+                          round(time.perf_counter() - started, 3), extra={"answers": answers[:5]})
     predictions = predict(model, task, data, collator, batch_size, quiet=quiet, desc=desc)
     return score_predictions(task, predictions, data, time.perf_counter() - started)
 
@@ -128,11 +143,12 @@ def evaluate(model_or_folder: ModelSource | Mapping[str, ModelSource], tasks: Se
              split: str = "test", max_examples: int | None = None, *, batch_size: int = 64,
              max_length: int | None = None, tokenizer=None, image_collator=None,
              data_dir: str | Path | None = None, seed: int = 0,
-             quiet: bool = False) -> dict[str, TaskResult]:
+             quiet: bool = False, heads: Mapping[str, str] | None = None) -> dict[str, TaskResult]:
     """Evaluate on each task's ``split`` (at most ``max_examples`` rows, a seeded subset).
 
-    ``model_or_folder``: a merged output folder (each task uses the merged backbone + its own head),
-    an expert folder or in-memory model (used for every task), or ``{task: folder_or_model}``.
+    ``model_or_folder``: a merged output folder (each task uses the merged backbone + its own head;
+    ``heads`` maps a task to a head of another name), an expert folder or in-memory model (used for every
+    task), or ``{task: folder_or_model}``. Tasks are built-in names, spec files or Task objects.
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
@@ -151,5 +167,5 @@ def evaluate(model_or_folder: ModelSource | Mapping[str, ModelSource], tasks: Se
         results[task.name] = evaluate_task(source, task, split, max_examples, batch_size=batch_size,
                                            max_length=max_length, tokenizer=tokenizer,
                                            image_collator=image_collator, data_dir=data_dir, seed=seed,
-                                           quiet=quiet)
+                                           quiet=quiet, head=(heads or {}).get(task.name))
     return results

@@ -83,17 +83,34 @@ def spearman(x, y) -> float:
     return pearson(rank_with_ties(x), rank_with_ties(y))
 
 
-# Metric name (Task.metric) -> parts computed from (predictions, labels); the score is their mean.
+def f1_macro(predictions, labels) -> float:
+    """The unweighted mean of each class's F1 (classes seen in labels or predictions)."""
+    predictions, labels = _pair(predictions, labels)
+    classes = np.union1d(predictions, labels)
+    return float(np.mean([f1_binary(predictions, labels, positive=k) for k in classes]))
+
+
+# Metric name (a task spec's ``metric``) -> parts computed from (predictions, labels); the score is their
+# mean. The names are those of layermerge.data.tasks.LABEL_METRICS.
 METRIC_PARTS = {
     "accuracy": {"accuracy": accuracy},
+    "f1": {"f1": f1_binary},
+    "macro_f1": {"macro_f1": f1_macro},
     "matthews": {"matthews": matthews_corrcoef},
     "accuracy_f1": {"accuracy": accuracy, "f1": f1_binary},
+    "pearson": {"pearson": pearson},
+    "spearman": {"spearman": spearman},
     "pearson_spearman": {"pearson": pearson, "spearman": spearman},
 }
 
 
 def task_score(metric: str, predictions, labels) -> tuple[float, dict[str, float]]:
-    """(score, parts), both in percent: the mean of the metric's parts, as GLUE reports it."""
+    """(score, parts), both in percent: the mean of the metric's parts, as GLUE reports it. ``metric`` may
+    also be a callable ``(predictions, labels) -> float in [0, 1]`` (a task's own scorer)."""
+    if callable(metric):
+        _pair(predictions, labels)
+        value = float(metric(np.asarray(predictions), np.asarray(labels)))
+        return 100.0 * value, {"score": 100.0 * value}
     if metric not in METRIC_PARTS:
         raise DataError(f"unknown metric {metric!r}; known: {', '.join(METRIC_PARTS)}")
     parts = {name: 100.0 * fn(predictions, labels) for name, fn in METRIC_PARTS[metric].items()}

@@ -128,10 +128,10 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def new_report(tasks: Sequence[str], expert_scores: Mapping[str, float] | None = None,
+def new_report(tasks: Sequence, expert_scores: Mapping[str, float] | None = None,
                settings: Mapping | None = None) -> Report:
     from layermerge.data.tasks import get_task
 
-    names = [get_task(t).name for t in tasks]
-    return Report(names, {t: get_task(t).metric for t in names}, expert_scores=dict(expert_scores or {}),
-                  settings=dict(settings or {}))
+    resolved = [get_task(t) for t in tasks]
+    return Report([t.name for t in resolved], {t.name: t.score_metric for t in resolved},
+                  expert_scores=dict(expert_scores or {}), settings=dict(settings or {}))

@@ -22,7 +22,7 @@ from layermerge.engine.context import BlockResult
 from layermerge.engine.template import build_template, checkpoint_key_map
 from layermerge.errors import ConfigError
 from layermerge.experts import ExpertSet
-from layermerge.fewshot import adapt_batches, data_record, describe, few_shot_inputs
+from layermerge.fewshot import adapt_batches, data_record, describe, few_shot_inputs, task_records
 from layermerge.pipeline.plan import cache_budget_bytes
 from layermerge.pipeline.sink import NullWriter
 from layermerge.pipeline.strategies.base import Outcome, Strategy
@@ -143,7 +143,9 @@ class BlockStrategy(Strategy):
         writer.write_json(f"{method}/{BLOCKS_FILE}", blocks)
         if writer.temp is not None and plan.engine.plot_coefficients and any(b["coefficients"] for b in sink.blocks):
             plot_coefficients(blocks, writer.temp / method / "coefficients.png")
-        return Outcome(engine_summary(result, self.batches, leftovers), record, blocks)
+        summary = engine_summary(result, self.batches, leftovers)
+        summary["task_specs"] = task_records(plan.data, expert_set.names)
+        return Outcome(summary, record, blocks)
 
     def finished(self) -> None:
         if self.plan.output is not None and self.checkpoint_dir is not None and not self.plan.engine.keep_checkpoint:

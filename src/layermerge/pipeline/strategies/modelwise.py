@@ -37,7 +37,7 @@ TASK_EXTRAS_REPLACE = "replace"      # layermerge_summary.json "task_extras" val
 def load_expert_model(folder: Path | None, name: str) -> nn.Module:
     """An expert's full task model (backbone + head) from its folder: layermerge vision model or a
     transformers sequence classifier."""
-    from layermerge.data.models import load_hf_classifier, load_vision_model, vision_spec_of
+    from layermerge.data.models import load_hf_model, load_vision_model, vision_spec_of
 
     if folder is None:
         raise CheckpointError(f"expert '{name}' is a bare state dict; this method runs each expert's whole task "
@@ -48,7 +48,7 @@ def load_expert_model(folder: Path | None, name: str) -> nn.Module:
         return model.eval()
     architecture = _architecture(folder)
     if architecture is None:
-        return load_hf_classifier(folder).eval()
+        return load_hf_model(folder, "AutoModelForSequenceClassification", "sequence classifier").eval()
     import transformers
 
     from layermerge.data.models import quiet_transformers
@@ -254,7 +254,7 @@ class ModelStrategy(Strategy):
         self.device = resolve_device(self.plan.engine.device)
 
     def run(self, writer) -> Outcome:
-        from layermerge.fewshot import data_record, describe
+        from layermerge.fewshot import data_record, describe, task_records
 
         plan, expert_set, engine = self.plan, self.expert_set, self.plan.engine
         torch.manual_seed(engine.seed)
@@ -268,7 +268,7 @@ class ModelStrategy(Strategy):
         if not getattr(algorithm, "merges_running_statistics", False):
             result.params.update(experts_mean_statistics(ctx, result.params))   # see layermerge.norm_stats
         summary = {**result.stats, "seconds": round(time.perf_counter() - started, 3),
-                   "data": describe(self.batches)}
+                   "data": describe(self.batches), "task_specs": task_records(plan.data, expert_set.names)}
         if result.task_params:
             summary["task_extras"] = TASK_EXTRAS_REPLACE
         reference, ref_prefix, out_dtype = expert_set.reference, expert_set.reference_prefix, plan.dtype
