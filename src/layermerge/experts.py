@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from layermerge.errors import CheckpointError, IncompatibleExpertsError, RedundantInputWarning
-from layermerge.io.reader import CheckpointReader, open_checkpoint
+from layermerge.io.inputs import open_input
+from layermerge.io.reader import CheckpointReader
 from layermerge.names import check_expert_name
 
 VOCAB_POLICIES = ("error", "base_rows")
@@ -143,15 +144,15 @@ class ExpertSet:
             raise IncompatibleExpertsError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {vocab_policy!r}")
         for name in experts:  # names become folders in the output (heads/<name>/): refuse ../ and the like
             check_expert_name(name)
-        self.base = open_checkpoint(base, "base model") if base is not None else None
+        self.base = open_input(base, "base model") if base is not None else None
         self.vocab_policy = vocab_policy
         self.extra_head_patterns = list(head_keys or [])
         self.head_prefixes: list[str] = []
         first_name, first_source = next(iter(experts.items()))
-        reference_keys = set((self.base or open_checkpoint(first_source, f"expert '{first_name}'")).keys())
+        reference_keys = set((self.base or open_input(first_source, f"expert '{first_name}'")).keys())
         self.experts: list[Expert] = []
         for name, source in experts.items():
-            reader = open_checkpoint(source, f"expert '{name}'")
+            reader = open_input(source, f"expert '{name}'", base=self.base)
             self.experts.append(Expert(name, reader, detect_prefix(reference_keys, reader.keys())))
         if self.base is not None:
             self.head_prefixes = _vision_head_prefixes([self.base] + [e.reader for e in self.experts])
