@@ -503,7 +503,7 @@ add("compat-dtype", lambda e: e.merge(e.with_expert(e.expert_copy(edit=lambda s:
 add("compat-model-type", lambda e: e.merge(e.with_expert(e.expert_copy(
     config_edit=lambda c: {**c, "model_type": "roberta"}))), "different model_type", "'roberta'")
 add("compat-vocab-size", lambda e: e.merge(e.with_expert(e.expert_copy(edit=_rows(105), config_edit=_vocab(105)))),
-    "vocabulary size mismatch", "base_rows")
+    "vocabulary size mismatch", "vocab_policy: base")
 add("compat-vocab-smaller-base-rows", lambda e: e.merge(e.with_expert(e.expert_copy(edit=_rows(90),
                                                                                      config_edit=_vocab(90)),
                                                                       vocab_policy="base_rows")),

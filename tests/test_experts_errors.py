@@ -146,7 +146,8 @@ def test_vocabulary_mismatch_explains_base_rows(bert, bigger_vocab):
     assert "vocabulary size mismatch for 'embeddings.word_embeddings.weight'" in message
     assert "99 rows" in message and "'task1': 105" in message
     assert "added tokens" in message
-    assert "vocab_policy: base_rows" in message and "vocab_policy='base_rows'" in message
+    assert "vocab_policy: union" in message and "vocab_policy: base" in message
+    assert "tokenizer_source: EXPERT" in message
 
 
 def test_base_rows_merges_only_the_base_vocabulary(bert, bigger_vocab, tmp_path):

@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from layermerge.errors import ConfigError, LayermergeError
 from layermerge.fewshot import DataConfig
+from layermerge.io.hub import looks_like_hub_id
 from layermerge.io.paths import missing_path_message, relative_to_config
 from layermerge.io.writer import parse_size
+from layermerge.mergekit_config import from_mergekit, is_mergekit_config
 from layermerge.methods.registry import available_methods, get_method, validate_params
 from layermerge.names import expert_name_problem
 from layermerge.pipeline.plan import EngineConfig
@@ -30,13 +32,19 @@ class MergeConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="output dtype; default: the base's")
     max_shard_size: str | int = Field("5GB", description="largest safetensors shard, e.g. 2GB or 500MB, or bytes")
-    vocab_policy: Literal["error", "base_rows"] = Field(
-        "error", description="what to do when experts added tokens: stop, or merge only the base's rows")
+    vocab_policy: Literal["error", "base", "base_rows", "union"] = Field(
+        "error", description="when experts added tokens: stop (error), merge only the base's rows (base; "
+                             "base_rows is its earlier name), or keep every added token (union)")
+    tokenizer_source: str | None = Field(None, description="the output tokenizer: base, union, or an expert's "
+                                                           "name (added tokens get rows from the experts with them)")
+    chat_template: str | None = Field(None, description="copy this input's chat template (base or an expert's name) "
+                                                        "into the output tokenizer")
     head_keys: list[str] = Field(default_factory=list, description="extra key substrings to keep per task")
     data: DataConfig | None = Field(None, description="few-shot data of data-driven methods (prodistill...)")
     engine: EngineConfig | None = Field(None, description="block engine options of data-driven methods")
     card_paths: Literal["name", "full"] = Field(
         "name", description="model card: each input's folder/file name, or its full local path")
+    push_to_hub: str | None = Field(None, description="hub repo (org/name) to upload the output folder to")
 
     @field_validator("experts")
     @classmethod
@@ -84,8 +92,12 @@ class MergeConfig(BaseModel):
         def fix(path: str | None) -> str | None:
             return relative_to_config(path, relative_to)
 
+        def fix_input(path: str | None) -> str | None:   # a hub id stays one unless that local path exists
+            fixed = fix(path)
+            return path if fixed is not None and looks_like_hub_id(path) and not Path(fixed).exists() else fixed
+
         return self.model_copy(update={
-            "base": fix(self.base), "experts": {k: fix(v) for k, v in self.experts.items()},
+            "base": fix_input(self.base), "experts": {k: fix_input(v) for k, v in self.experts.items()},
             "output": fix(self.output),
             "data": self.data.resolve_paths(relative_to) if self.data is not None else None,
             "engine": self.engine.resolve_paths(relative_to) if self.engine is not None else None,
@@ -122,6 +134,8 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
 def parse_config(data: dict, source: str = "config", relative_to: Path | None = None) -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping with keys base, experts, method, params")
+    if is_mergekit_config(data):  # mergekit's format: converted (docs/MERGEKIT.md), then checked as ours
+        data = from_mergekit(data, source)
     try:
         config = MergeConfig(**data)
     except ValidationError as exc:

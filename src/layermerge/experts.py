@@ -23,8 +23,9 @@ from layermerge.errors import CheckpointError, IncompatibleExpertsError, Redunda
 from layermerge.io.inputs import open_input
 from layermerge.io.reader import CheckpointReader
 from layermerge.names import check_expert_name
+from layermerge.vocab import plan_vocabulary
 
-VOCAB_POLICIES = ("error", "base_rows")
+VOCAB_POLICIES = ("error", "base", "base_rows", "union")   # base_rows: the earlier name of base
 MAX_LISTED = 5
 
 
@@ -134,7 +135,8 @@ class ExpertSet:
     """Base plus named experts. ``check()`` validates compatibility before any work is done."""
 
     def __init__(self, base: str | Path | CheckpointReader | None, experts: dict[str, str | Path | CheckpointReader],
-                 vocab_policy: str = "error", head_keys: list[str] | None = None):
+                 vocab_policy: str = "error", head_keys: list[str] | None = None, tokenizer_source: str | None = None,
+                 chat_template: str | None = None):
         if not isinstance(experts, Mapping):
             raise IncompatibleExpertsError(f"experts must be a mapping of expert name to folder or file, e.g. "
                                            f"{{'sst2': 'models/bert-sst2'}}, not a {type(experts).__name__}")
@@ -156,7 +158,10 @@ class ExpertSet:
             self.experts.append(Expert(name, reader, detect_prefix(reference_keys, reader.keys())))
         if self.base is not None:
             self.head_prefixes = _vision_head_prefixes([self.base] + [e.reader for e in self.experts])
+        self.tokenizer_source = tokenizer_source
         self.report = self.check()
+        self.vocabulary = plan_vocabulary(self.base, [(e.name, e.reader) for e in self.experts], vocab_policy,
+                                          tokenizer_source, chat_template, self._base_rows())
         self._redundant_warned: set[tuple[str | None, str]] = set()
         self._warn_same_paths()
 
@@ -284,8 +289,10 @@ class ExpertSet:
                          f"{_listed(carried)}")
         if vocab_keys:
             notes.append(
-                f"vocabulary sizes differ; merging only the {len(vocab_keys)} embedding tensors' rows the "
-                "base has (vocab_policy='base_rows'); the experts' extra token rows are dropped"
+                f"vocabulary sizes differ; merging the {len(vocab_keys)} embedding tensors' rows the base has"
+                + ("; the experts' extra token rows are dropped (vocab_policy: base)"
+                   if self.vocab_policy in ("base", "base_rows") and self.tokenizer_source in (None, "base") else
+                   "; rows of the tokens the experts added come from those experts (layermerge.vocab)")
             )
         return CompatibilityReport(merge_keys, head_keys, vocab_keys, notes)
 
@@ -317,7 +324,7 @@ class ExpertSet:
         known_vocab = {v for v in vocab_size.values() if v}
         if not ({ref_shape[0]} | {s[0] for s in mismatched.values()}) <= known_vocab:
             return False
-        if self.vocab_policy == "base_rows":
+        if self.vocab_policy in ("base", "base_rows", "union") or self.tokenizer_source is not None:
             short = [n for n, s in mismatched.items() if s[0] < ref_shape[0]]
             if short:
                 raise IncompatibleExpertsError(
@@ -329,8 +336,9 @@ class ExpertSet:
         raise IncompatibleExpertsError(
             f"vocabulary size mismatch for {key!r}: the base has {ref_shape[0]} rows, experts have {details}. "
             "An expert added tokens, so rows beyond the base's vocabulary have no counterpart to merge with. "
-            "Set vocab_policy: base_rows (CLI/YAML) or vocab_policy='base_rows' (API) to merge only the rows "
-            "the base has and drop the added tokens, or re-train the experts with the base's tokenizer."
+            "Set vocab_policy: union to keep every expert's added tokens (their rows from those experts), "
+            "vocab_policy: base to merge only the rows the base has and drop the added tokens, or "
+            "tokenizer_source: EXPERT to output one expert's tokenizer."
         )
 
     def _looks_like_head(self, key: str, ref_shape: tuple, shapes: dict[str, tuple]) -> bool:
@@ -346,6 +354,33 @@ class ExpertSet:
             return False
         labels = {e.name: _label_count(e.reader) for e in self.experts}
         return all(labels[name] is not None and shape[0] == labels[name] for name, shape in shapes.items())
+
+    def _base_rows(self) -> int:
+        """Rows of the reference's embedding (its vocab_size), or 0 when its config does not say."""
+        return (self._vocab_sizes().get("base") if self.base is not None else None) or 0
+
+    def vocabulary_rows(self, key: str, merged: torch.Tensor) -> torch.Tensor:
+        """A merged tensor as written: vocabulary tensors grown by the rows of the experts' added tokens
+        (``self.vocabulary``, see layermerge.vocab); others as they are."""
+        if self.vocabulary is None or key not in self.report.vocab_keys:
+            return merged
+
+        def rows(position: int, indices: list[int]) -> torch.Tensor:
+            return self.experts[position].get(key)[indices].to(merged.dtype)
+
+        return self.vocabulary.extend(merged, rows)
+
+    def output_config(self) -> dict | None:
+        """The reference's config, with the output vocabulary's size when it grew."""
+        config = self.reference.config
+        if self.vocabulary is None or config is None:
+            return config
+        config = dict(config)
+        if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
+            config["text_config"] = {**config["text_config"], "vocab_size": self.vocabulary.size}
+        else:
+            config["vocab_size"] = self.vocabulary.size
+        return config
 
     # ----------------------------------------------------------------- tensor access
     def base_tensor(self, key: str) -> torch.Tensor:

@@ -37,7 +37,10 @@ def input_lines(inputs: dict[str, dict[str, str]], roles: dict[str, str] | None 
         root = PurePath(source)
         shown = str(root) if card_paths == "full" else root.name
         role = (roles or {}).get(source)
-        lines.append(f"- {role}: `{shown}`" if role else f"- `{shown}`")
+        if role and f"`{shown}`" in role:     # the role names it already (a hub id's commit)
+            lines.append(f"- {role}")
+        else:
+            lines.append(f"- {role}: `{shown}`" if role else f"- `{shown}`")
         for file_name, digest in hashes.items():
             path = PurePath(file_name)
             relative = path.relative_to(root) if path.is_relative_to(root) and path != root else path.name

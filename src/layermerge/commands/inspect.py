@@ -32,7 +32,7 @@ def add_parser(subparsers):
     parser.add_argument("--json", metavar="FILE", help="save the report and statistics as JSON")
     parser.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
                         help="scan every tensor for NaN/Inf (default: on)")
-    parser.add_argument("--vocab-policy", choices=["error", "base_rows"], default="error",
+    parser.add_argument("--vocab-policy", choices=["error", "base", "base_rows", "union"], default="error",
                         help="when experts added tokens: stop, or compare only the base's rows")
     parser.add_argument("--head-key", action="append", default=[], metavar="SUBSTRING", dest="head_keys",
                         help="key substring kept per task instead of merged (repeatable)")

@@ -19,6 +19,8 @@ def add_parser(subparsers):
     parser.add_argument("config", help="YAML file: base, experts, method, params (see README)")
     parser.add_argument("--output", "-o", help="output folder (overrides the config's output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="then upload the output folder to this Hugging Face "
+                                                              "hub repo (org/name; overrides the config's push_to_hub)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     engine = parser.add_argument_group("data-driven methods (override the config's engine section)")
     engine.add_argument("--resume", action="store_true",
@@ -34,7 +36,7 @@ def add_parser(subparsers):
 
 
 # What layermerge.yaml records of the config: data-free records stay as they were before data sections.
-RECORD_EXCLUDED = {False: {"output", "data", "engine"}, True: {"output"}}
+RECORD_EXCLUDED = {False: {"output", "data", "engine", "push_to_hub"}, True: {"output", "push_to_hub"}}
 ENGINE_FLAGS = {"resume": "resume", "cache_budget": "cache_budget", "device": "device",
                 "compute_dtype": "compute_dtype", "checkpoint_dir": "checkpoint_dir",
                 "plot_coefficients": "plot_coefficients"}
@@ -75,7 +77,10 @@ def run(args) -> int:
     merged = merge(config.base, config.experts, config.method, output=output, overwrite=args.overwrite,
                    max_shard_size=config.max_shard_size, dtype=config.dtype, vocab_policy=config.vocab_policy,
                    head_keys=config.head_keys, quiet=args.quiet, config_record=record, card_paths=config.card_paths,
-                   **extra, **config.params)
+                   tokenizer_source=config.tokenizer_source, chat_template=config.chat_template,
+                   push_to_hub=args.push_to_hub or config.push_to_hub, **extra, **config.params)
     if not args.quiet and os.environ.get("RANK", "0") == "0":        # under torchrun only rank 0 reports
         print(f"merged {len(config.experts)} experts with {config.method} -> {merged.path}")
+        if merged.hub_url:
+            print(f"uploaded to {merged.hub_url}")
     return 0

@@ -24,7 +24,10 @@ def open_input(source: str | Path | CheckpointReader, role: str | None = None,
         return source
     path = Path(source).expanduser()
     if hub.looks_like_hub_id(str(source)) and not path.exists():
-        path = hub.resolve_hub_id(str(source), role)
+        resolved = hub.resolve(str(source), role)        # the snapshot folder, opened as any other input
+        reader = open_input(resolved.folder, role, base)
+        reader.hub_input = resolved                      # the id and commit, for the model card
+        return reader
     if lora.is_lora_adapter(path):
         return lora.LoraReader(path, base, role)
     if gguf.is_gguf(path):

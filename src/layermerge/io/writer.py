@@ -278,7 +278,12 @@ class CheckpointWriter:
         return self.temp / relative
 
     # ----------------------------------------------------------------- content
+    # Set by the pipeline when the output vocabulary grows (layermerge.vocab): (key, tensor) -> tensor.
+    tensor_hook = None
+
     def add_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        if self.tensor_hook is not None:
+            tensor = self.tensor_hook(key, tensor)
         self._model.add(key, tensor)
 
     def stream_writer(self, relative_folder: str, prefix: str = "model") -> ShardedSafetensorsWriter:

@@ -118,6 +118,8 @@ class MergePlan:
     quiet: bool = False
     card_paths: str = "name"
     config_record: dict | None = None    # what layermerge.yaml records when the merge came from a config file
+    tokenizer_source: str | None = None  # the output vocabulary (layermerge.vocab)
+    chat_template: str | None = None
 
     @property
     def name(self) -> str:
@@ -140,7 +142,8 @@ class MergePlan:
 def make_plan(base, experts, method: str, *, output=None, overwrite: bool = False,
               max_shard_size: str | int = "5GB", dtype: str | None = None, vocab_policy: str = "error",
               head_keys=None, quiet: bool = False, config_record: dict | None = None, data=None,
-              card_paths: str = "name", template=None, **options) -> MergePlan:
+              card_paths: str = "name", template=None, tokenizer_source: str | None = None,
+              chat_template: str | None = None, **options) -> MergePlan:
     """Resolve a merge request; ``options`` are the method's parameters plus engine options."""
     info = get_method(method)
     check_card_paths(card_paths)
@@ -159,4 +162,4 @@ def make_plan(base, experts, method: str, *, output=None, overwrite: bool = Fals
     return MergePlan(info, params, base, experts, vocab_policy, tuple(head_keys or ()), data, engine, template,
                      Path(output) if output is not None else None, overwrite, max_shard_size,
                      str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else dtype, quiet,
-                     card_paths, config_record)
+                     card_paths, config_record, tokenizer_source, chat_template)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +35,8 @@ class MergedModel:
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)  # saved as <method>/artifacts.safetensors
     input_roles: dict[str, str] = field(default_factory=dict)          # input path -> "base", "expert sst2"
     card_paths: str = "name"                                            # model card: path names or "full" paths
+    vocabulary: Any = None                                              # a grown output vocabulary (layermerge.vocab)
+    hub_url: str | None = None                                          # where push_to_hub uploaded it
 
     def save(self, output: str | Path, overwrite: bool = False, max_shard_size: str | int = "5GB") -> Path:
         """Write as a Hugging Face folder (atomically), with the same side files as ``merge(output=...)``:
@@ -50,10 +54,25 @@ class MergedModel:
             write_side_files(writer, heads=self.heads, head_meta=self.head_meta, task_extras=self.task_extras,
                              config=self.config, base_folder=self.base_folder, method=self.method,
                              params=self.params, summary=self.summary, inputs=self.inputs, roles=self.input_roles,
-                             card_paths=self.card_paths)
+                             card_paths=self.card_paths, vocabulary=self.vocabulary)
             if self.record is not None:
                 write_record(writer, self.record)
         return Path(output).resolve()
+
+    def push_to_hub(self, repo: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the merged model's folder, model card included, to the Hugging Face hub repo ``repo``
+        (created when missing); a model in memory is saved to a temporary folder first. Offline, without a
+        token, or when the hub cannot be reached, raises OutputError before writing anything. Returns its URL."""
+        from layermerge.io import hub
+
+        token = hub.check_push_ready(repo, token)
+        if self.state_dict is None:
+            self.hub_url = hub.push_folder(self.path, repo, private=private, token=token)
+            return self.hub_url
+        with tempfile.TemporaryDirectory(prefix="layermerge-push-") as temp:
+            folder = self.save(Path(temp) / "model")
+            self.hub_url = hub.push_folder(folder, repo, private=private, token=token, kept=False)
+        return self.hub_url
 
     def write_method_files(self, writer: CheckpointWriter) -> None:
         """Files a kind of method adds under ``<method>/`` (none here)."""

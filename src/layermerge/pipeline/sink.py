@@ -39,6 +39,7 @@ class MemoryWriter:
     """CheckpointWriter's interface, keeping everything in memory: tensors, side streams, JSON files."""
 
     temp = None
+    tensor_hook = None          # as CheckpointWriter's
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
@@ -46,6 +47,8 @@ class MemoryWriter:
         self.json: dict[str, object] = {}
 
     def add_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        if self.tensor_hook is not None:
+            tensor = self.tensor_hook(key, tensor)
         self.tensors[key] = tensor
 
     def stream_writer(self, relative_folder: str, prefix: str = "model") -> MemoryStream:
@@ -82,20 +85,30 @@ class NullWriter(MemoryWriter):
 
 
 def open_writer(plan: MergePlan, expert_set: ExpertSet, is_writer: bool = True):
-    """The writer for this plan: an atomic folder, memory, or nothing (a non-writing rank)."""
+    """The writer for this plan: an atomic folder, memory, or nothing (a non-writing rank). When the output
+    vocabulary grows (``vocab_policy: union``, ``tokenizer_source``), its embedding rows are added as the
+    merged tensors are written, whatever the strategy."""
     if plan.output is None:
-        return MemoryWriter()
-    if not is_writer:
+        writer = MemoryWriter()
+    elif not is_writer:
         return NullWriter()
-    return CheckpointWriter(plan.output, inputs=expert_set.input_paths(), overwrite=plan.overwrite,
-                            max_shard_size=plan.max_shard_size)
+    else:
+        writer = CheckpointWriter(plan.output, inputs=expert_set.input_paths(), overwrite=plan.overwrite,
+                                  max_shard_size=plan.max_shard_size)
+    if expert_set.vocabulary is not None:
+        writer.tensor_hook = expert_set.vocabulary_rows
+    return writer
 
 
 def write_side_files(writer, *, heads: dict, head_meta: dict, task_extras: dict, config, base_folder, method: str,
                      params: dict, summary: dict, inputs: dict, roles: dict | None = None,
-                     card_paths: str = "name") -> None:
-    """Everything around the merged backbone: base files, heads, per-task extras, summary, model card."""
+                     card_paths: str = "name", vocabulary=None) -> None:
+    """Everything around the merged backbone: base files, heads, per-task extras, summary, model card;
+    with a grown ``vocabulary`` (layermerge.vocab), its tokenizer and the config's new vocab_size."""
     copied = writer.copy_base_files(base_folder)
+    if vocabulary is not None and writer.temp is not None:
+        config = vocabulary.write(writer.temp, config)
+        copied = [name for name in copied if name != "config.json"]
     if config is not None and "config.json" not in copied:
         writer.write_json("config.json", config)
     for task, head in heads.items():

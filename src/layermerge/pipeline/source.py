@@ -19,7 +19,8 @@ def open_source(plan: MergePlan) -> ExpertSet:
     info = plan.method
     experts = plan.experts
     expert_set = experts if isinstance(experts, ExpertSet) else ExpertSet(
-        plan.base, experts, vocab_policy=plan.vocab_policy, head_keys=list(plan.head_keys))
+        plan.base, experts, vocab_policy=plan.vocab_policy, head_keys=list(plan.head_keys),
+        tokenizer_source=plan.tokenizer_source, chat_template=plan.chat_template)
     if expert_set.base is None and info.needs_base:
         raise ConfigError(f"method {info.name!r} works on task vectors and needs a base model")
     count = len(expert_set.experts)
@@ -51,12 +52,17 @@ def hash_inputs(expert_set: ExpertSet) -> tuple[dict[str, dict[str, str]], dict[
     """
     inputs: dict[str, dict[str, str]] = {}
     roles: dict[str, str] = {}
+    hub_ids: dict[str, str] = {}
     by_name = {}
     for name, reader in expert_set.input_readers():
         source = str(reader.path)
         by_name[name] = inputs[source] = reader.file_hashes()
         role = "base" if name is None else f"expert {name}"
         roles[source] = f"{roles[source]}, {role}" if source in roles else role
+        if getattr(reader, "hub_input", None) is not None:       # given as a hub id: the id and its commit
+            hub_ids[source] = reader.hub_input.card_text()
+    for source, text in hub_ids.items():
+        roles[source] += f", {text}"
     expert_set.warn_identical_files(by_name)
     return inputs, roles
 

@@ -34,11 +34,14 @@ from layermerge.progress import progress
 TASK_EXTRAS_REPLACE = "replace"      # layermerge_summary.json "task_extras" value: per-task tensors replace
 
 
-def load_expert_model(folder: Path | None, name: str) -> nn.Module:
+def load_expert_model(folder: Path | None, name: str, reader=None) -> nn.Module:
     """An expert's full task model (backbone + head) from its folder: layermerge vision model or a
-    transformers sequence classifier."""
+    transformers sequence classifier. An input whose folder holds no model of its own (a LoRA adapter:
+    ``reader`` forms its tensors) is built from the reader's config and tensors."""
     from layermerge.data.models import load_hf_model, load_vision_model, vision_spec_of
 
+    if reader is not None and reader.config is not None and (folder is None or not (folder / "config.json").is_file()):
+        return model_from_reader(reader, name)
     if folder is None:
         raise CheckpointError(f"expert '{name}' is a bare state dict; this method runs each expert's whole task "
                               "model, so give a model folder (config.json naming its architecture, as "
@@ -55,6 +58,24 @@ def load_expert_model(folder: Path | None, name: str) -> nn.Module:
 
     with quiet_transformers():
         return getattr(transformers, architecture).from_pretrained(folder).eval()
+
+
+def model_from_reader(reader, name: str) -> nn.Module:
+    """The expert's task model, its class named by ``architectures`` in the reader's config."""
+    import transformers
+
+    from layermerge.data.models import quiet_transformers
+
+    config = dict(reader.config)
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture is None or not hasattr(transformers, architecture):
+        raise CheckpointError(f"expert '{name}' ({reader.path}): its config names no transformers architecture, so "
+                              "its whole task model cannot be built for this method; merge the adapter into its "
+                              "base (peft's merge_and_unload) and give that folder")
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with quiet_transformers():
+        return getattr(transformers, architecture).from_pretrained(None, config=hf_config,
+                                                                   state_dict=reader.state_dict()).eval()
 
 
 def _architecture(folder: Path) -> str | None:
@@ -118,7 +139,7 @@ class ModelContext:
         """Expert ``task``'s full model (backbone and its head), fp32, eval mode, frozen, cached."""
         if task not in self._models:
             expert = self.expert_set.expert(task)
-            model = load_expert_model(expert.reader.folder, task).to(self.device, torch.float32)
+            model = load_expert_model(expert.reader.folder, task, expert.reader).to(self.device, torch.float32)
             for param in model.parameters():
                 param.requires_grad_(False)
             self._models[task] = model
