@@ -174,3 +174,58 @@ def test_unknown_inputs_for_tokenizer_source_and_chat_template(setup):
         layermerge.merge(base, experts, "task_arithmetic", tokenizer_source="c", quiet=True)
     with pytest.raises(IncompatibleExpertsError, match="chat_template: 'union' is not an input"):
         layermerge.merge(base, experts, "task_arithmetic", vocab_policy="union", chat_template="union", quiet=True)
+
+
+def test_engine_views_give_task_arithmetic_the_output_rows(setup):
+    """The block engine reads vocabulary tensors in the output's rows: each expert's own row for its added
+    tokens, the owners' mean for the others, so Task Arithmetic over the views (how the engine merges
+    non-block weights) gives every added token the output's row, the owners' mean, at any scaling."""
+    from layermerge.experts import ExpertSet
+
+    root, base, experts, tied = setup
+    expert_set = ExpertSet(base, experts, vocab_policy="union")
+    vocabulary = expert_set.vocabulary
+    base_view = expert_set.vocabulary_view(EMBED)
+    views = [expert_set.vocabulary_view(EMBED, position) for position in range(2)]
+    assert base_view.shape[0] == views[0].shape[0] == vocabulary.size
+    rows = [CheckpointReader(experts[name]).get(EMBED) for name in ("a", "b")]
+    n = vocabulary.base_tokens
+    for position in range(2):
+        assert torch.equal(views[position][:n], rows[position][:n])
+    for token, owners in vocabulary.added.items():
+        mean = torch.stack([rows[owner][row] for owner, row in owners]).mean(0)
+        for scaling in (0.3, 1.0):
+            merged = base_view[token] + scaling * sum(view[token] - base_view[token] for view in views)
+            torch.testing.assert_close(merged, mean)
+        for owner, row in owners:
+            assert torch.equal(views[owner][token], rows[owner][row])
+
+
+def test_data_driven_union_tokenises_each_task_with_its_experts_tokenizer(setup, tmp_path):
+    """Few-shot text with an expert's added token becomes that token's id in the merged vocabulary (one id,
+    not the base's pieces), and ProDistill trains on it."""
+    from transformers import AutoTokenizer
+
+    from layermerge.experts import ExpertSet
+    from layermerge.fewshot import DataConfig, build_few_shot
+
+    root, base, experts, tied = setup
+    for name, token in (("a", "<|im_start|>"), ("b", "<tool>")):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [json.dumps({"q": f"{token}abc{i}", "a": "yes"}) for i in range(4)]
+        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "task.yaml").write_text(f"name: {name}\ntype: generation\nprompt: q\ncompletion: a\n"
+                                          "files: {train: train.jsonl}\nchat_template: false\n")
+    config = DataConfig(shots=4, tasks={name: str(tmp_path / name / "task.yaml") for name in experts})
+    expert_set = ExpertSet(base, experts, vocab_policy="union")
+    batches = build_few_shot(config, expert_set)
+    out_tok = expert_set.vocabulary.tokenizer
+    for name, token in (("a", "<|im_start|>"), ("b", "<tool>")):
+        ids = batches[name][0]["input_ids"]
+        assert (ids == out_tok.convert_tokens_to_ids(token)).sum() == 4
+        assert ids.max() < expert_set.vocabulary.size
+    assert AutoTokenizer.from_pretrained(base).convert_tokens_to_ids("<tool>") in (None, out_tok.unk_token_id)
+    out = layermerge.merge(base, experts, "prodistill", vocab_policy="union", data=config, epochs=1,
+                           output=tmp_path / "pd", quiet=True)
+    assert tensors(out.path)[EMBED].shape[0] == expert_set.vocabulary.size

@@ -162,6 +162,7 @@ class ExpertSet:
         self.report = self.check()
         self.vocabulary = plan_vocabulary(self.base, [(e.name, e.reader) for e in self.experts], vocab_policy,
                                           tokenizer_source, chat_template, self._base_rows())
+        self._vocab_means: dict[str, torch.Tensor] = {}
         self._redundant_warned: set[tuple[str | None, str]] = set()
         self._warn_same_paths()
 
@@ -369,6 +370,22 @@ class ExpertSet:
             return self.experts[position].get(key)[indices].to(merged.dtype)
 
         return self.vocabulary.extend(merged, rows)
+
+    def vocabulary_view(self, key: str, position: int | None = None) -> torch.Tensor:
+        """The base's (``position`` None) or expert ``position``'s tensor for a vocabulary key in the output
+        vocabulary's rows (``OutputVocabulary.view``), for the block engine's non-block weights."""
+        base_rows = self.reference.shape(self.reference_prefix + key)[0]
+        if key not in self._vocab_means:          # read each expert's added rows once per key
+            shape = self.reference.shape(self.reference_prefix + key)[1:]
+
+            def rows(index: int, indices: list[int]) -> torch.Tensor:
+                return self.experts[index].get(key)[indices]
+
+            self._vocab_means[key] = self.vocabulary.extend(torch.zeros((0, *shape)), rows)
+        if position is None:
+            return self.vocabulary.view(self.base_tensor(key), self._vocab_means[key])
+        expert = self.experts[position].get(key)
+        return self.vocabulary.view(expert[:base_rows], self._vocab_means[key], position, expert)
 
     def output_config(self) -> dict | None:
         """The reference's config, with the output vocabulary's size when it grew."""

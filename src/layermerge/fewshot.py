@@ -2,8 +2,9 @@
 
 The engine wants ``{task: [batch, ...]}`` with each batch a dict of model inputs. From a config,
 each expert's examples are drawn with ``layermerge.data.sample_few_shot`` (seeded, stratified,
-train split only) and collated with the data package's collators (the base's tokenizer for text,
-the expert's preprocessing for images). Labels are never passed: the methods are unsupervised.
+train split only) and collated with the data package's collators (the base's tokenizer for text, or,
+when experts' added tokens enter the output vocabulary, each expert's own tokenizer with its ids
+mapped into the output's; the expert's preprocessing for images). Labels are never passed: the methods are unsupervised.
 Hand-built batches go through the same adaptation to the template's ``forward`` (``labels`` and
 inputs the model does not take are dropped; ``pixel_values`` goes to a model whose first argument
 has another name, e.g. EfficientNet's ``inputs``).
@@ -115,20 +116,36 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
             rows = sample_few_shot(task, shots, seed, data_dir=config.data_dir)
         else:
             rows = load_split(task, split, data_dir=config.data_dir).take(shots, seed)
+        own_vocabulary = _grown_vocabulary(expert_set) is not None and config.tokenizer is None
         if not task.is_image:
-            if tokenizer is None:
+            if own_vocabulary:          # each task in its expert's tokens, then in the merged vocabulary's ids
+                from layermerge.vocab import load_input_tokenizer
+
+                expert_tokenizer = load_input_tokenizer(expert_set.expert(name).reader, f"expert '{name}'")
+            elif tokenizer is None:
                 tokenizer = few_shot_tokenizer(config, expert_set.reference)
+            use = expert_tokenizer if own_vocabulary else tokenizer
             length = spec.max_length or _default_length(config, limit)
             if task.is_generation:
                 completion = config.include_completion if spec.include_completion is None else spec.include_completion
-                collate = GenerationCollator(tokenizer, task, length, include_completion=completion)
+                collate = GenerationCollator(use, task, length, include_completion=completion)
             else:
-                collate = TextCollator(tokenizer, task, length)
+                collate = TextCollator(use, task, length)
         else:
             collate = _image_collator(expert_set.expert(name).reader, name)
         batches[name] = [collate([rows[i] for i in range(start, min(start + config.batch_size, len(rows)))])
                          for start in range(0, len(rows), config.batch_size)]
+        if own_vocabulary and not task.is_image:
+            position = expert_set.names.index(name)
+            for batch in batches[name]:
+                batch["input_ids"] = expert_set.vocabulary.output_ids(position, batch["input_ids"])
     return batches
+
+
+def _grown_vocabulary(expert_set):
+    """The output vocabulary when experts' added tokens enter it (union, or an expert's tokenizer), else None."""
+    vocabulary = getattr(expert_set, "vocabulary", None)
+    return vocabulary if vocabulary is not None and vocabulary.added else None
 
 
 def expert_tasks(config: DataConfig, experts: Sequence[str]) -> dict:

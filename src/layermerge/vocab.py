@@ -33,6 +33,37 @@ class OutputVocabulary:
     size: int                                       # rows of the output embedding
     added: dict[int, list[tuple[int, int]]] = field(default_factory=dict)   # output id -> [(expert, its row)]
     source: str = "union"
+    unknown_id: int = 0                             # where an expert's token the output lacks goes
+
+    def output_ids(self, position: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Expert ``position``'s token ids (from its own tokenizer) as ids of the output vocabulary: the base's
+        tokens keep theirs, its added tokens get their output ids, tokens the output lacks its unknown id."""
+        moved = {row: token for token, owners in self.added.items() for owner, row in owners if owner == position}
+        out = input_ids.clone()
+        beyond = input_ids >= self.base_tokens
+        if beyond.any():
+            mapped = [moved.get(int(i), self.unknown_id) for i in input_ids[beyond].tolist()]
+            out[beyond] = torch.tensor(mapped, dtype=input_ids.dtype)
+        return out
+
+    def view(self, rows: torch.Tensor, means: torch.Tensor, position: int | None = None,
+             expert: torch.Tensor | None = None) -> torch.Tensor:
+        """A vocabulary tensor in the output's rows, for the block engine: ``rows`` (the base's, or an expert's
+        first ``len(rows)`` rows) for the base's tokens, then each added token's row: expert ``position``'s own
+        (from its whole tensor ``expert``) where it has the token, else the mean over the experts that have it
+        (``means``: ``extend`` of an empty tensor). Task Arithmetic over these views gives every added token
+        exactly that mean, as the output has it."""
+        out = means.clone().to(rows.dtype)
+        keep = min(len(rows), self.size)
+        out[:keep] = rows[:keep]
+        added = list(self.added)
+        if added:
+            out[added] = means[added].to(rows.dtype)
+        if position is not None and expert is not None:
+            own = [(token, row) for token, owners in self.added.items() for owner, row in owners if owner == position]
+            if own:
+                out[[token for token, _ in own]] = expert[[row for _, row in own]].to(rows.dtype)
+        return out
 
     def extend(self, merged: torch.Tensor, expert_rows) -> torch.Tensor:
         """``merged`` (the base's rows, merged) grown to ``size`` rows: each added token's row is the mean of
@@ -133,7 +164,8 @@ def plan_vocabulary(base_reader, experts: list[tuple[str, object]], policy: str,
                         "resize the embedding to the tokenizer (model.resize_token_embeddings(len(tokenizer)))")
                 added.setdefault(out_vocab[token], []).append((position, index))
     size = max(base_rows, max(out_vocab.values(), default=-1) + 1)
-    return OutputVocabulary(output, len(base_vocab), size, added, source)
+    unknown = output.unk_token_id if output.unk_token_id is not None else (output.pad_token_id or 0)
+    return OutputVocabulary(output, len(base_vocab), size, added, source, int(unknown))
 
 
 def _output_tokenizer(base_tokenizer, tokenizers: dict, tokens: dict):

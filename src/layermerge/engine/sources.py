@@ -90,14 +90,25 @@ class ExpertSetSource:
         """The checkpoint (base) name of template key ``key``."""
         return self._to_checkpoint[key]
 
+    def _grown(self, checkpoint_key: str) -> bool:
+        """A vocabulary tensor of an output vocabulary that grew: read in the output's rows."""
+        expert_set = self.expert_set
+        return expert_set.vocabulary is not None and checkpoint_key in expert_set.report.vocab_keys
+
     def base(self, key: str) -> torch.Tensor:
+        if self._grown(self._to_checkpoint[key]):
+            return _as_float(self.expert_set.vocabulary_view(self._to_checkpoint[key]))
         return _as_float(self.expert_set.base_tensor(self._to_checkpoint[key]))
 
     def experts(self, key: str) -> list[torch.Tensor]:
+        if self._grown(self._to_checkpoint[key]):
+            return [self.expert(key, position) for position in range(len(self.expert_set.experts))]
         return [_as_float(t) for t in self.expert_set.expert_tensors(self._to_checkpoint[key])]
 
     def expert(self, key: str, position: int) -> torch.Tensor:
         """Only expert ``position``'s tensor (reading one expert at a time keeps memory down)."""
+        if self._grown(self._to_checkpoint[key]):
+            return _as_float(self.expert_set.vocabulary_view(self._to_checkpoint[key], position))
         expert = self.expert_set.experts[position]
         tensor = expert.get(self._to_checkpoint[key])
         checkpoint_key = self._to_checkpoint[key]

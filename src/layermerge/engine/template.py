@@ -48,7 +48,7 @@ def build_template(expert_set: ExpertSet, template: nn.Module | None = None) -> 
         model = template if isinstance(template, nn.Module) else template()
         return model.eval()
     reference = expert_set.reference
-    config = reference.config
+    config = expert_set.output_config()      # the reference's, with a grown vocabulary's size
     if not config:
         raise ConfigError(f"{reference.path} has no config.json, so the model's architecture is unknown; "
                           "pass template=<an nn.Module of the architecture> to layermerge.merge")
