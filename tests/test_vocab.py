@@ -229,3 +229,20 @@ def test_data_driven_union_tokenises_each_task_with_its_experts_tokenizer(setup,
     out = layermerge.merge(base, experts, "prodistill", vocab_policy="union", data=config, epochs=1,
                            output=tmp_path / "pd", quiet=True)
     assert tensors(out.path)[EMBED].shape[0] == expert_set.vocabulary.size
+
+
+def test_an_expert_without_tokenizer_files_and_the_bases_size_has_the_bases_tokenizer(setup, tmp_path):
+    """A LoRA adapter (or a model) saved without a tokenizer, whose vocabulary is the base's size, added no
+    tokens: union takes the base's tokenizer for it instead of stopping."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root, base, experts, tied = setup
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base / name, bare / name)
+    out = layermerge.merge(base, {"a": experts["a"], "plain": bare}, "task_arithmetic", vocab_policy="union",
+                           output=tmp_path / "out", quiet=True)
+    assert len(AutoTokenizer.from_pretrained(out.path)) == len(AutoTokenizer.from_pretrained(base)) + 2

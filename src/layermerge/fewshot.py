@@ -121,7 +121,8 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
             if own_vocabulary:          # each task in its expert's tokens, then in the merged vocabulary's ids
                 from layermerge.vocab import load_input_tokenizer
 
-                expert_tokenizer = load_input_tokenizer(expert_set.expert(name).reader, f"expert '{name}'")
+                expert_tokenizer = load_input_tokenizer(expert_set.expert(name).reader, f"expert '{name}'",
+                                                        expert_set.base)
             elif tokenizer is None:
                 tokenizer = few_shot_tokenizer(config, expert_set.reference)
             use = expert_tokenizer if own_vocabulary else tokenizer

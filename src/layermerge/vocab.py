@@ -99,10 +99,15 @@ class OutputVocabulary:
         return config
 
 
-def load_input_tokenizer(reader, role: str):
-    from layermerge.data.models import load_tokenizer
+def load_input_tokenizer(reader, role: str, base_reader=None):
+    """An input's tokenizer. An expert whose folder holds none (a LoRA adapter saved without one, usually)
+    and whose vocabulary is the base's size has the base's tokenizer: it added no tokens."""
+    from layermerge.data.models import TOKENIZER_FILES, load_tokenizer
 
     folder = reader.folder if reader.folder is not None else reader.path.parent
+    if base_reader is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES) \
+            and _embedding_rows(reader) == _embedding_rows(base_reader):
+        folder = base_reader.folder if base_reader.folder is not None else base_reader.path.parent
     return load_tokenizer(folder, hint=f"save the tokenizer of {role} beside its weights")
 
 
@@ -123,7 +128,7 @@ def plan_vocabulary(base_reader, experts: list[tuple[str, object]], policy: str,
             allowed = ", ".join(["base", *names] + (["union"] if option == "tokenizer_source" else []))
             raise IncompatibleExpertsError(f"{option}: {value!r} is not an input; choose one of {allowed}")
     base_tokenizer = load_input_tokenizer(base_reader, "the base model")
-    tokenizers = {name: load_input_tokenizer(reader, f"expert '{name}'") for name, reader in experts}
+    tokenizers = {name: load_input_tokenizer(reader, f"expert '{name}'", base_reader) for name, reader in experts}
     base_vocab = base_tokenizer.get_vocab()
     added_by_expert = {}
     for name, _ in experts:
