@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=32)
     parser.add_argument("--cache", default="/tmp/llm_cache")
     parser.add_argument("--json", required=True)
+    parser.add_argument("--prodistill-seeds", default="0",
+                        help="sampling seeds of the ProDistill rows (seed 0 is the row 'prodistill')")
     args = parser.parse_args()
     out = Path(args.json)
     record = json.loads(out.read_text()) if out.is_file() else {}
@@ -64,15 +66,18 @@ def main() -> None:
     for name, folder in experts.items():
         score(f"expert {name}", folder)
     data = {"shots": args.shots, "max_length": 256, "tasks": {n: str(s) for n, s in specs.items()}}
-    for method, params in MERGES.items():
-        if method in record["scores"]:
+    runs = [(method, method, 0) for method in MERGES]
+    runs += [(f"prodistill seed {seed}", "prodistill", int(seed)) for seed in args.prodistill_seeds.split(",")
+             if int(seed) != 0]
+    for label, method, seed in runs:
+        if label in record["scores"]:
             continue
         started = time.time()
-        kwargs = {"data": data} if method == "prodistill" else {}
+        kwargs = {"data": {**data, "seed": seed}, "seed": seed} if method == "prodistill" else {}
         merged = layermerge.merge(base, experts, method, output=Path(args.cache) / f"merged-{method}", overwrite=True,
-                                  quiet=True, **kwargs, **params)
-        record.setdefault("merge_s", {})[method] = round(time.time() - started, 1)
-        score(method, merged.path)
+                                  quiet=True, **kwargs, **MERGES[method])
+        record.setdefault("merge_s", {})[label] = round(time.time() - started, 1)
+        score(label, merged.path)
 
 
 if __name__ == "__main__":
