@@ -390,14 +390,7 @@ class ExpertSet:
     def output_config(self) -> dict | None:
         """The reference's config, with the output vocabulary's size when it grew."""
         config = self.reference.config
-        if self.vocabulary is None or config is None:
-            return config
-        config = dict(config)
-        if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
-            config["text_config"] = {**config["text_config"], "vocab_size": self.vocabulary.size}
-        else:
-            config["vocab_size"] = self.vocabulary.size
-        return config
+        return config if self.vocabulary is None else self.vocabulary.config(config)
 
     # ----------------------------------------------------------------- tensor access
     def base_tensor(self, key: str) -> torch.Tensor:

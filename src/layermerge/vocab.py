@@ -89,6 +89,10 @@ class OutputVocabulary:
     def write(self, folder: Path, config: dict | None) -> dict | None:
         """Save the output tokenizer into ``folder`` and return the config with the new vocab_size."""
         self.tokenizer.save_pretrained(folder)
+        return self.config(config)
+
+    def config(self, config: dict | None) -> dict | None:
+        """A model config with this vocabulary's size (in ``text_config`` where the model keeps it there)."""
         if config is None:
             return None
         config = dict(config)
