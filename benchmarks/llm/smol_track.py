@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=32)
     parser.add_argument("--cache", default="/tmp/llm_cache")
     parser.add_argument("--json", required=True)
+    parser.add_argument("--pair", help="two generators: also merge only those two experts (the paper's setting)")
     parser.add_argument("--prodistill-seeds", default="0",
                         help="sampling seeds of the ProDistill rows (seed 0 is the row 'prodistill')")
     args = parser.parse_args()
@@ -78,6 +79,25 @@ def main() -> None:
                                   quiet=True, **kwargs, **MERGES[method])
         record.setdefault("merge_s", {})[label] = round(time.time() - started, 1)
         score(label, merged.path)
+    if args.pair:
+        pair = [g.replace("_", "-") for g in args.pair.split(",")]
+        pair_data = {**data, "tasks": {n: data["tasks"][n] for n in pair}}
+        for method in MERGES:
+            label = f"pair {'+'.join(pair)}: {method}"
+            if label in record["scores"]:
+                continue
+            params = {**MERGES[method], "init": 0.5} if method == "prodistill" else MERGES[method]
+            started = time.time()
+            merged = layermerge.merge(base, {n: experts[n] for n in pair}, method, quiet=True, overwrite=True,
+                                      output=Path(args.cache) / f"merged-pair-{method}",
+                                      **({"data": pair_data} if method == "prodistill" else {}), **params)
+            record.setdefault("merge_s", {})[label] = round(time.time() - started, 1)
+            started = time.time()
+            record["scores"][label] = {t: evaluate_task(merged.path, specs[t], "test", args.test, batch_size=16).score
+                                       for t in pair}
+            record["scores"][label]["eval_s"] = round(time.time() - started, 1)
+            print(label, record["scores"][label], flush=True)
+            save()
 
 
 if __name__ == "__main__":
