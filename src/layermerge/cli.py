@@ -19,7 +19,7 @@ from layermerge.errors import LayermergeError, is_symlink_loop, os_error_message
 from layermerge.io.atomic import remove_unfinished
 
 # Order shown in --help. Each module defines add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["merge", "methods", "inspect", "finetune", "eval", "demo", "bench"]
+COMMANDS = ["merge", "methods", "inspect", "finetune", "eval", "demo", "bench", "extract-lora"]
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + the signal's number, as shells report them
 
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"layermerge {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"layermerge.commands.{name}")
+        module = importlib.import_module(f"layermerge.commands.{name.replace('-', '_')}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(handler=module.run)
     return parser
