@@ -137,12 +137,6 @@ BUILTIN_TRACKS = {
 }
 
 
-def task_reference(reference: str | dict, folder: Path) -> str | dict:
-    from layermerge.fewshot import task_reference as resolve
-
-    return resolve(reference, folder)
-
-
 def load_track(name_or_path: str | Path) -> TrackConfig:
     """A built-in track by name, or a track YAML file."""
     if str(name_or_path) in BUILTIN_TRACKS:
@@ -163,6 +157,8 @@ def load_track(name_or_path: str | Path) -> TrackConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from None
+    from layermerge.fewshot import task_reference
+
     track.tasks = [task_reference(t, path.parent.resolve()) for t in track.tasks]
     track.task_specs()                   # every task readable before any work
     if track.data_dir is not None and not Path(track.data_dir).is_absolute():
