@@ -8,6 +8,13 @@ tokens (``AutoModelForCausalLM``); image tasks use a registered vision factory
 (``vision:efficientnet-lite0``, ``vision:small-cnn``). Tasks are built-in or users' specs
 (``layermerge.data.get_task``).
 
+LoRA (``settings.lora``, text and generation tasks): the same model, loop and cache, but the base
+stays frozen and only low-rank A·B pairs on its Linear layers train (with peft), plus any module the
+base lacks, such as a new classifier head, trained in full and saved through peft's
+``modules_to_save``. The result is a PEFT adapter folder (``adapter_config.json`` naming the base
+folder, ``adapter_model.safetensors``), which every merge method and ``evaluate_task`` read as the
+dense expert base + scale·B·A (``io/lora.py``).
+
 The result is a folder keyed by a sha256 of everything that determines it — the base's weight
 file hashes, the task's training file (and a user's task spec), every setting, and the layermerge
 version — with a
@@ -22,12 +29,13 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from layermerge import __version__
@@ -51,10 +59,39 @@ MARKER = "layermerge_finetune.json"
 GENERATION_MAX_LENGTH = 512   # tokens of prompt + completion when fine-tuning a generation task
 VISION_PREFIX = "vision:"
 HASH_LIMIT = 2 * 1024**3   # weight files above this are fingerprinted by size and mtime, not hashed
+LORA_INSTALL_HINT = "pip install 'layermerge[lora]'"   # peft, which LoRA fine-tuning needs
+
+
+class LoraSettings(BaseModel):
+    """A LoRA recipe: the base stays frozen and each target Linear layer W gains (alpha / r)·B·A, where
+    only A and B train (peft's LoraConfig with these values)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(16, ge=1, description="rank of each A·B pair")
+    alpha: float | None = Field(None, gt=0, description="scale numerator, the update is (alpha / r)·B·A "
+                                                          "(default 2·r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input while training")
+    target_modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="module names (or name endings, as peft matches them) that get LoRA; "
+                                        "default: every Linear layer of the base (attention and MLP), not the "
+                                        "output layer or a new head")
+    use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
+
+    @model_validator(mode="before")
+    @classmethod
+    def default_alpha(cls, values):
+        """alpha = 2·r unless given, written out so that both spellings share one cache key."""
+        if isinstance(values, dict) and values.get("alpha") is None:
+            rank = values.get("r", 16)
+            if isinstance(rank, int) and not isinstance(rank, bool):
+                values = {**values, "alpha": 2 * rank}
+        return values
 
 
 class FinetuneSettings(BaseModel):
-    """Every knob of a fine-tuning run; all of them enter the cache key."""
+    """Every knob of a fine-tuning run; all of them enter the cache key (``lora`` only when set, so full
+    fine-tunes keep the keys they had before LoRA existed)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,6 +105,11 @@ class FinetuneSettings(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping threshold")
     seed: int = Field(0, description="seeds head initialisation, data order and dropout")
     image_size: int | None = Field(None, ge=8, description="image resolution (vision; default: the model's)")
+    lora: LoraSettings | None = Field(None, description="train a LoRA adapter instead of every weight")
+
+    def record(self) -> dict:
+        """The settings as the cache key and the marker file hold them: without ``lora`` when it is None."""
+        return self.model_dump(exclude={"lora"} if self.lora is None else set())
 
 
 def make_settings(settings: FinetuneSettings | None = None, **overrides) -> FinetuneSettings:
@@ -136,7 +178,7 @@ def data_fingerprint(data: TaskData) -> str:
 
 
 def cache_key(base: Path | VisionFactory, task: Task, settings: FinetuneSettings, data: TaskData) -> str:
-    record = {"base": base_fingerprint(base), "task": task.name, "settings": settings.model_dump(),
+    record = {"base": base_fingerprint(base), "task": task.name, "settings": settings.record(),
               "data": data_fingerprint(data), "layermerge": __version__}
     if not task.is_builtin:          # a user's spec (fields, labels...) changes the expert; built-ins keep their keys
         record["spec"] = task.model_dump(mode="json", exclude={"directory"})
@@ -170,8 +212,8 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
              data_dir: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
              **overrides) -> FinetuneResult:
     """Fine-tune ``base`` on ``task`` (or return the cached result). Keyword overrides set
-    FinetuneSettings fields (``lr=3e-5, epochs=2`` ...). Without ``output`` the folder goes to
-    ``<cache>/experts/<task>-<base>-<key>``."""
+    FinetuneSettings fields (``lr=3e-5, epochs=2``, ``lora={"r": 16}`` ...). Without ``output`` the folder
+    goes to ``<cache>/experts/<task>-<base>-<key>``; with ``lora`` it is a PEFT adapter folder."""
     task = get_task(task)
     settings = make_settings(settings, **overrides)
     base = resolve_base(base)
@@ -193,6 +235,8 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
         check_text_model(base, load_tokenizer(base), settings.max_length, "max_length (--max-length)",
                          "Save the base's tokenizer into that folder (tokenizer.save_pretrained)")
 
+    if settings.lora is not None:
+        import_peft()                # before any work: the missing extra is one line, not a traceback
     data = train.take(settings.max_train_examples, settings.seed)
     started = time.perf_counter()
     temp = make_temp_sibling(target)
@@ -205,7 +249,7 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
             stats = _finetune_text(base, task, data, settings, temp, quiet)
         base_label = str(base) if isinstance(base, Path) else f"{VISION_PREFIX}{base.name}"
         spec = {} if task.is_builtin else {"task_spec": task.record()}
-        record = {"key": key, "task": task.name, **spec, "base": base_label, "settings": settings.model_dump(),
+        record = {"key": key, "task": task.name, **spec, "base": base_label, "settings": settings.record(),
                   "train_examples": len(data), "train_origin": train.origin,
                   "seconds": round(time.perf_counter() - started, 1),
                   "layermerge": __version__, **stats}
@@ -215,7 +259,8 @@ def finetune(base: str | Path | VisionFactory, task: str | Task, *, output: str 
         discard_temp(temp)
         raise
     if not quiet:
-        print(f"{task.name}: fine-tuned on {len(data)} examples in {record['seconds']:.0f} s -> {target}")
+        what = "LoRA adapter trained" if settings.lora is not None else "fine-tuned"
+        print(f"{task.name}: {what} on {len(data)} examples in {record['seconds']:.0f} s -> {target}")
     return FinetuneResult(target, False, key, record)
 
 
@@ -240,6 +285,9 @@ def _locate(base: Path | VisionFactory, task: Task, settings: FinetuneSettings, 
     if isinstance(base, VisionFactory) != task.is_image:
         kind = "a vision model" if task.is_image else "a Hugging Face text model"
         raise ConfigError(f"task {task.name!r} needs {kind} as base, got {base}")
+    if settings.lora is not None and isinstance(base, VisionFactory):
+        raise ConfigError(f"LoRA fine-tuning is for Hugging Face text models; {VISION_PREFIX}{base.name} trains "
+                          "fully (leave lora unset)")
     if task.is_generation:
         from layermerge.eval.scorers import check_scorer
 
@@ -282,7 +330,7 @@ def _cached_result(target: Path, key: str) -> FinetuneResult | None:
     return FinetuneResult(target, True, key, marker)
 
 
-# --------------------------------------------------------------------------- the two model kinds
+# --------------------------------------------------------------------------- the model kinds
 def _finetune_text(base: Path, task: Task, data: TaskData, settings: FinetuneSettings, out: Path,
                    quiet: bool) -> dict:
     from transformers import AutoModelForSequenceClassification
@@ -294,33 +342,45 @@ def _finetune_text(base: Path, task: Task, data: TaskData, settings: FinetuneSet
     torch.manual_seed(settings.seed)     # the new head's initialisation
     try:
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=task.model_num_labels, id2label=labels,
                 label2id={v: k for k, v in labels.items()},
                 problem_type="regression" if task.is_regression else "single_label_classification",
-                ignore_mismatched_sizes=True, dtype=torch.float32)
+                ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot build a sequence classifier from {base}: {exc}") from None
     collator = TextCollator(tokenizer, task, settings.max_length)
-    stats = train_model(model, task, data, collator, settings, quiet)
-    with quiet_transformers():
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return stats
+    return _train_and_save(model, new_weights(loading), base, tokenizer, task, data, collator, settings, out, quiet)
 
 
 def _finetune_causal(base: Path, task: Task, data: TaskData, settings: FinetuneSettings, out: Path,
                      quiet: bool) -> dict:
     """A causal language model trained on each example's completion tokens (the prompt is context only)."""
-    from layermerge.data.models import load_hf_model, load_tokenizer, quiet_transformers
+    from layermerge.data.models import load_hf_model, load_tokenizer
 
     tokenizer = load_tokenizer(base)
     torch.manual_seed(settings.seed)
-    model = load_hf_model(base, "AutoModelForCausalLM", "causal language model", dtype=torch.float32)
+    model, loading = load_hf_model(base, "AutoModelForCausalLM", "causal language model", dtype=torch.float32,
+                                   output_loading_info=True)
     collator = GenerationCollator(tokenizer, task, settings.max_length, include_completion=True, with_labels=True)
+    return _train_and_save(model, new_weights(loading), base, tokenizer, task, data, collator, settings, out, quiet)
+
+
+def _train_and_save(model: nn.Module, new: list[str], base: Path, tokenizer, task: Task, data: TaskData,
+                    collator, settings: FinetuneSettings, out: Path, quiet: bool) -> dict:
+    """Train every weight (a model folder) or, with ``settings.lora``, a LoRA adapter of ``base``
+    (an adapter folder); the tokenizer is saved beside either, as eval and merges expect."""
+    from layermerge.data.models import quiet_transformers
+
+    if settings.lora is not None:
+        model = add_lora(model, new, base, task, settings.lora)
     stats = train_model(model, task, data, collator, settings, quiet)
     with quiet_transformers():
-        model.save_pretrained(out)
+        if settings.lora is not None:    # the embedding is frozen: never save a copy of it
+            model.save_pretrained(out, save_embedding_layers=False)
+            stats["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        else:
+            model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return stats
 
@@ -333,6 +393,62 @@ def _finetune_vision(factory: VisionFactory, task: Task, data: TaskData, setting
     stats = train_model(model, task, data, image_collator_for(spec), settings, quiet)
     save_vision_model(model, spec, out)
     return stats
+
+
+# --------------------------------------------------------------------------- LoRA
+def import_peft():
+    """peft, which LoRA fine-tuning needs; it is the optional ``lora`` extra."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"LoRA fine-tuning needs the peft package: {LORA_INSTALL_HINT}") from None
+    return peft
+
+
+def new_weights(loading: dict) -> list[str]:
+    """The task model's weights that the base folder did not provide (a new head, a resized one): from
+    transformers' ``output_loading_info``."""
+    mismatched = [item[0] if isinstance(item, (tuple, list)) else item for item in loading.get("mismatched_keys", ())]
+    return sorted(set(loading.get("missing_keys", ())) | set(mismatched))
+
+
+def lora_targets(model: nn.Module, excluded: list[str]) -> list[str]:
+    """The default targets: every Linear (or GPT-2 Conv1D) layer's path, except the output layer and
+    the modules in ``excluded`` (new weights, trained in full instead)."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = tuple(f"{name}." for name in excluded)
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+                  and name not in excluded and not f"{name}.".startswith(skip))
+
+
+def add_lora(model: nn.Module, new: list[str], base: Path, task: Task, lora: LoraSettings) -> nn.Module:
+    """``model`` wrapped by peft: frozen, LoRA pairs on the targets; weights the base lacks (``new``, a
+    classifier head) train in full as ``modules_to_save``, which io/lora.py reads as new tensors."""
+    peft = import_peft()
+    if any("." not in name for name in new):
+        loose = [name for name in new if "." not in name]
+        raise ConfigError(f"LoRA fine-tuning of {base}: the task model has new weights outside any module "
+                          f"({', '.join(loose)}), which a LoRA adapter cannot save; fine-tune fully (no lora)")
+    heads = sorted({name.rsplit(".", 1)[0] for name in new})
+    targets = list(lora.target_modules) if lora.target_modules else lora_targets(model, heads)
+    if not targets:
+        raise ConfigError(f"LoRA fine-tuning of {base}: the model has no Linear layer to put LoRA on; name the "
+                          "modules with target_modules (--lora-targets)")
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM" if task.is_generation else "SEQ_CLS", r=lora.r, lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout, target_modules=targets, modules_to_save=heads or None,
+        use_rslora=lora.use_rslora, bias="none")
+    try:
+        with warnings.catch_warnings():      # peft calls transformers APIs that transformers 5 deprecates
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapped = peft.get_peft_model(model, config)
+    except ValueError as exc:         # e.g. a named target that the model does not have
+        raise ConfigError(f"LoRA fine-tuning of {base}: {str(exc).splitlines()[0]}") from None
+    wrapped.peft_config["default"].base_model_name_or_path = str(base)   # the folder, as io/lora.py finds it
+    return wrapped
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -367,7 +483,8 @@ def task_loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 def train_model(model: nn.Module, task: Task, data: TaskData, collator, settings: FinetuneSettings,
                 quiet: bool = False) -> dict:
-    """Full fine-tuning of ``model`` in place; returns the mean loss of the first and last 10% of steps."""
+    """Train ``model``'s trainable parameters in place (every weight, or a LoRA adapter's); returns the mean
+    loss of the first and last 10% of steps."""
     lengths = row_lengths(data)
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     total = steps_per_epoch * settings.epochs

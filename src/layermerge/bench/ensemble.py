@@ -20,11 +20,15 @@ from layermerge.data.models import forward_logits, load_model
 from layermerge.data.sources import load_split
 from layermerge.data.tasks import get_task
 from layermerge.errors import DataError
-from layermerge.eval.evaluate import TaskResult, collator_for, score_predictions
+from layermerge.eval.evaluate import TaskResult, collator_for, load_adapter_model, score_predictions
 from layermerge.experts import ExpertSet
+from layermerge.io.lora import LoraReader, is_lora_adapter
+from layermerge.io.reader import CheckpointReader
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
+def _weights(folder: Path, base: str | Path) -> dict[str, torch.Tensor]:
+    if is_lora_adapter(folder):              # a LoRA expert: its dense tensors, base + scale·B·A
+        return LoraReader(folder, CheckpointReader(Path(base))).state_dict()
     state: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(file))
@@ -54,13 +58,16 @@ def evaluate_ensemble(base: str | Path, experts: dict[str, str | Path], task, *,
         raise DataError(f"task {task!r} is a generation task: the logit ensemble scores classifiers only")
     heads = set(ExpertSet(base, experts).report.head_keys.get(task, []))
     data = load_split(task_info, "test", data_dir=data_dir).take(max_examples, seed)
-    model = load_model(experts[task], task_info)
+    if is_lora_adapter(Path(experts[task])):
+        model, _ = load_adapter_model(experts[task], task_info)
+    else:
+        model = load_model(experts[task], task_info)
     collator = collator_for(experts[task], task_info, max_length=max_length)
     own = {name: value.clone() for name, value in model.state_dict().items()}
     started = time.perf_counter()
     total = None
     for name, folder in experts.items():
-        state = own if name == task else _weights(Path(folder))
+        state = own if name == task else _weights(Path(folder), base)
         backbone = {k: v for k, v in state.items() if k in own and k not in heads and v.shape == own[k].shape}
         model.load_state_dict({**own, **backbone})
         logits = _mean_logits(model, data, collator, batch_size)

@@ -1,12 +1,15 @@
 """Per-task evaluation of a model, an expert folder, or a merged output folder.
 
 A merged folder is evaluated task by task: for each task the merged backbone is joined with that
-task's own head (``load_model``), exactly as a user would deploy it. Rows are batched by length
-so dynamic padding costs little; predictions are put back in data order before scoring.
+task's own head (``load_model``), exactly as a user would deploy it. A LoRA adapter folder (one that
+``layermerge finetune --lora-rank`` wrote, or any PEFT LoRA adapter) is evaluated as the dense expert
+it stands for, its base plus scale·B·A (``load_adapter_model``). Rows are batched by length so
+dynamic padding costs little; predictions are put back in data order before scoring.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,20 +21,24 @@ from torch import nn
 
 from layermerge.data.collate import GenerationCollator, TextCollator, length_grouped_batches, row_lengths
 from layermerge.data.models import (
+    TOKENIZER_FILES,
+    check_outputs,
     check_text_model,
     fitted_length,
     forward_logits,
     image_collator_for,
     load_model,
     load_tokenizer,
+    quiet_transformers,
     vision_spec_of,
 )
 from layermerge.data.sources import TaskData, load_split
 from layermerge.data.tasks import Task, get_task
-from layermerge.errors import DataError
+from layermerge.errors import CheckpointError, DataError
 from layermerge.eval.generation import generate_answers
 from layermerge.eval.metrics import task_score
 from layermerge.eval.scorers import check_scorer, load_scorer, score_answers
+from layermerge.io.lora import is_lora_adapter
 from layermerge.progress import progress
 
 DEFAULT_MAX_LENGTH = 128      # tokens per text example, unless the model's positions allow fewer
@@ -78,6 +85,51 @@ def predict(model: nn.Module, task: Task, data: TaskData, collator: Callable, ba
     return predictions
 
 
+# The transformers class a LoRA expert's dense model is built as, by the kind of task it was trained for.
+ADAPTER_MODEL_TABLES = {True: "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                        False: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}
+
+
+def load_adapter_model(folder: str | Path, task: Task) -> tuple[nn.Module, Path]:
+    """A LoRA adapter as the dense task model base + scale·B·A, and its base folder. The tensors come from
+    io/lora.py (equal to peft's merge_and_unload to 1e-6), so peft is not needed to evaluate."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    from layermerge.io.inputs import open_input
+    from layermerge.io.lora import ADAPTER_CONFIG, LoraReader
+
+    folder = Path(folder)
+    config_path = folder / ADAPTER_CONFIG
+    try:
+        named = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        LoraReader(folder, None)     # raises the reader's one line on what is wrong with the file
+        raise
+    if not named:
+        raise CheckpointError(f"the LoRA adapter {folder} names no base model (base_model_name_or_path in "
+                              f"{ADAPTER_CONFIG}); set it to the folder of the model the adapter was trained on")
+    base = open_input(named, "base model")
+    if base.folder is None:
+        raise CheckpointError(f"the base {named!r} that {config_path} names is not a model folder")
+    reader = LoraReader(folder, base, "adapter")
+    config = reader.config or {}
+    table = getattr(modeling_auto, ADAPTER_MODEL_TABLES[task.is_generation])
+    class_name = table.get(config.get("model_type"))
+    class_name = class_name[0] if isinstance(class_name, (list, tuple)) else class_name
+    if class_name is None or not hasattr(transformers, class_name):
+        kind = "causal language model" if task.is_generation else "sequence classifier"
+        raise CheckpointError(f"cannot build a {kind} from the LoRA adapter {folder}: transformers has none for "
+                              f"model type {config.get('model_type')!r} (base {base.folder})")
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with quiet_transformers():
+        model = getattr(transformers, class_name).from_pretrained(None, config=hf_config,
+                                                                  state_dict=reader.state_dict(),
+                                                                  dtype=torch.float32)
+    check_outputs(model, task, folder)
+    return model.eval(), base.folder
+
+
 def score_predictions(task: Task, predictions: np.ndarray, data: TaskData,
                       seconds: float = 0.0) -> TaskResult:
     metric = task.score_metric
@@ -112,22 +164,32 @@ def evaluate_task(source: ModelSource, task: str | Task, split: str = "test",
                   tokenizer=None, image_collator=None,
                   data_dir: str | Path | None = None, seed: int = 0, quiet: bool = True,
                   desc: str | None = None, head: str | None = None) -> TaskResult:
-    """Score one task. ``source`` is a folder (expert or merged) or an in-memory model; in a merged folder
-    the task's head is ``head`` (default: the task's name). ``max_length`` defaults to 128 tokens (512 of
-    prompt for generation tasks), or the model's position limit when that is smaller."""
+    """Score one task. ``source`` is a folder (expert, LoRA adapter or merged) or an in-memory model; in a
+    merged folder the task's head is ``head`` (default: the task's name). ``max_length`` defaults to 128
+    tokens (512 of prompt for generation tasks), or the model's position limit when that is smaller."""
     task = get_task(task)
     check_scorer(task)
     data = load_split(task, split, data_dir=data_dir).take(max_examples, seed)
-    model = load_model(source, task, head) if isinstance(source, (str, Path)) else source
+    named_tokenizer = tokenizer is not None
+    checked_folder = Path(source) if isinstance(source, (str, Path)) else None   # the config and tokenizer
+    if checked_folder is not None and is_lora_adapter(checked_folder):
+        model, base_folder = load_adapter_model(checked_folder, task)
+        if tokenizer is None and not any((checked_folder / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = base_folder      # an adapter saved without a tokenizer: the base's
+        checked_folder = base_folder
+    elif checked_folder is not None:
+        model = load_model(source, task, head)
+    else:
+        model = source
     if max_length is None:
         config = getattr(model, "config", None)
         default = DEFAULT_PROMPT_LENGTH if task.is_generation else DEFAULT_MAX_LENGTH
         max_length = fitted_length(default, config.to_dict() if hasattr(config, "to_dict") else None)
     collator = collator_for(source, task, tokenizer, max_length, image_collator, head)
-    if isinstance(source, (str, Path)) and not task.is_image:     # before any prediction
-        check_text_model(Path(source), collator.tokenizer, max_length, "max_length (--max-length)",
+    if checked_folder is not None and not task.is_image:     # before any prediction
+        check_text_model(checked_folder, collator.tokenizer, max_length, "max_length (--max-length)",
                          "Name the model's tokenizer with --tokenizer DIR (tokenizer= in Python)",
-                         named=tokenizer is not None)
+                         named=named_tokenizer)
     started = time.perf_counter()
     if task.is_generation:
         answers = generate_answers(model, collator.tokenizer, task, data, batch_size=batch_size,
