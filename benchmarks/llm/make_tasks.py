@@ -1,16 +1,19 @@
-"""Write reasoning-gym generation tasks as layermerge task specs (JSONL files + task.yaml + a scorer).
+"""Write generation tasks as layermerge task specs (JSONL files + task.yaml + a scorer).
 
+Tasks come from reasoning-gym generators (``name`` or ``name:key=value,key=value`` for the generator's
+settings) or from ``python_output`` (this folder's code-reading generator, scored by exact match).
 Each task gets ``train.jsonl`` and ``test.jsonl`` from different generator seeds (questions that
 appear in both are dropped from train, so the splits are disjoint), each row holding the prompt, the
 reference answer and the generator's entry (for its scorer); ``task.yaml`` names the scorer
 ``rg_score:score``, which calls reasoning-gym's own ``score_answer`` on the row's entry.
 
-    .venv/bin/python benchmarks/llm/make_tasks.py --out /tmp/llm_tasks --tasks spell_backward,chain_sum \\
-        --train 512 --test 200
+    .venv/bin/python benchmarks/llm/make_tasks.py --out /tmp/llm_tasks --task spell_backward \\
+        --task chain_sum:min_terms=2,max_terms=3,max_digits=2 --task python_output --train 512 --test 200
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 SCORER = '''"""Score an answer with reasoning-gym's own scorer for the row's generator (0..1)."""
@@ -30,13 +33,30 @@ def score(answer: str, example: dict) -> float:
     entry = json.loads(example["entry"])
     return float(_dataset(example["generator"]).score_answer(answer, entry))
 '''
+sys.path.insert(0, str(Path(__file__).parent))      # python_output.py beside this file
 INSTRUCTION = "\n\nGive only the final answer."
 
 
-def rows(generator: str, size: int, seed: int) -> list[dict]:
+def parse_task(text: str) -> tuple[str, dict]:
+    """``chain_sum:min_terms=2,max_digits=2`` → ("chain_sum", {"min_terms": 2, "max_digits": 2})."""
+    generator, _, settings = text.partition(":")
+    config = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        config[key.strip()] = json.loads(value) if value.strip()[:1].isdigit() or value.strip() in (
+            "true", "false") else value.strip()
+    return generator.strip(), config
+
+
+def rows(generator: str, size: int, seed: int, config: dict | None = None) -> list[dict]:
+    if generator == "python_output":
+        from python_output import rows as program_rows
+
+        return [{"prompt": row["question"] + INSTRUCTION, "answer": row["answer"], "generator": generator}
+                for row in program_rows(size, seed)]
     import reasoning_gym
 
-    dataset = reasoning_gym.create_dataset(generator, size=size, seed=seed)
+    dataset = reasoning_gym.create_dataset(generator, size=size, seed=seed, **(config or {}))
     out = []
     for entry in dataset:
         record = {"question": entry["question"], "answer": entry["answer"], "metadata": entry.get("metadata", {})}
@@ -45,31 +65,42 @@ def rows(generator: str, size: int, seed: int) -> list[dict]:
     return out
 
 
-def write_task(out: Path, generator: str, train: int, test: int, max_new_tokens: int) -> Path:
+def write_task(out: Path, task: str, train: int, test: int, max_new_tokens: int) -> Path:
+    generator, config = parse_task(task)
     folder = out / generator
     folder.mkdir(parents=True, exist_ok=True)
-    test_rows = rows(generator, test, seed=2)
+    test_rows = rows(generator, test, 2, config)
     seen = {row["prompt"] for row in test_rows}
-    train_rows = [row for row in rows(generator, train + test, seed=1) if row["prompt"] not in seen][:train]
+    train_rows = [row for row in rows(generator, train + 4 * test, 1, config) if row["prompt"] not in seen][:train]
+    if len(train_rows) < train:
+        raise SystemExit(f"{generator}: only {len(train_rows)} training rows differ from the test rows")
     for split, data in (("train", train_rows), ("test", test_rows)):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    (folder / "rg_score.py").write_text(SCORER)
+    if generator == "python_output":
+        metric = "exact_match"
+    else:
+        (folder / "rg_score.py").write_text(SCORER)
+        metric = "rg_score:score"
+    settings = f"# generator: {task}; train seed 1, test seed 2 (benchmarks/llm/make_tasks.py)\n"
     (folder / "task.yaml").write_text(
-        f"name: {generator.replace('_', '-')}\ntype: generation\nfiles: {{train: train.jsonl, test: test.jsonl}}\n"
-        f"prompt: prompt\ncompletion: answer\nmetric: rg_score:score\nmax_new_tokens: {max_new_tokens}\n")
+        f"{settings}name: {generator.replace('_', '-')}\ntype: generation\n"
+        f"files: {{train: train.jsonl, test: test.jsonl}}\nprompt: prompt\ncompletion: answer\n"
+        f"metric: {metric}\nmax_new_tokens: {max_new_tokens}\n")
     return folder / "task.yaml"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tasks", required=True, help="comma-separated reasoning-gym generators")
+    parser.add_argument("--task", action="append", required=True,
+                        help="a reasoning-gym generator, optionally with settings (name:key=value,...), or "
+                             "python_output; repeatable")
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
-    for generator in args.tasks.split(","):
-        print(write_task(Path(args.out), generator.strip(), args.train, args.test, args.max_new_tokens))
+    for task in args.task:
+        print(write_task(Path(args.out), task, args.train, args.test, args.max_new_tokens))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def main_table(results: dict) -> str:
              "|---|---|" + "---:|" * (len(tasks) + 3) + "---|"]
     refs = results["references"]
     experts_average = refs["experts"]["average"] if "experts" in refs else None
-    for name, note in (("experts", "reference: each expert on its own task"),
+    for name, note in (("base", "reference: the base model before fine-tuning"),
+                       ("experts", "reference: each expert on its own task"),
                        ("ensemble", "reference: mean of all experts' logits")):
         if name in refs:
             ref = refs[name]
@@ -77,12 +78,17 @@ def ablation_tables(results: dict) -> str:
             studies.setdefault(row["study"], []).append(row)
     parts = []
     for study, rows in studies.items():
-        lines = [f"**{study}**", "", "| row | method | shots | seeds | average | normalised | merge wall s |",
-                 "|---|---|---:|---|---:|---:|---:|"]
+        subsets = any(row.get("experts") for row in rows)     # pairwise merges: say which tasks, and each score
+        extra = " per task |" if subsets else ""
+        lines = [f"**{study}**", "", f"| row | method | shots | seeds |{extra} average | normalised | merge wall s |",
+                 "|---|---|---:|---|" + ("---|" if subsets else "") + "---:|---:|---:|"]
         for row in rows:
-            lines.append(f"| {row['row']} | {row['method']} ({_params(row)}) | {row['shots']} | "
-                         f"{','.join(map(str, row['seeds'])) or '—'} | {_pm(row['average'])} | "
-                         f"{_pm(row['normalised'])} | {_pm(row['wall_s'], 0)} |")
+            cell = ""
+            if subsets:
+                cell = " " + ", ".join(f"{t} {_num(stat['mean'])}" for t, stat in row["scores"].items()) + " |"
+            seeds = ",".join("—" if seed is None else str(seed) for seed in row["seeds"]) or "—"
+            lines.append(f"| {row['row']} | {row['method']} ({_params(row)}) | {row['shots'] or '—'} | {seeds} |"
+                         f"{cell} {_pm(row['average'])} | {_pm(row['normalised'])} | {_pm(row['wall_s'], 0)} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

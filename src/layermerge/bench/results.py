@@ -48,6 +48,7 @@ def _row(records: list[dict], tasks: list[str], experts: dict[str, float]) -> di
     from layermerge.methods.registry import get_method
 
     first = records[0]
+    tasks = first.get("experts") or tasks          # a pairwise row is scored on its own experts' tasks
     good = [r for r in records if r.get("scores")]
     runs = []
     for record in good:
@@ -61,7 +62,7 @@ def _row(records: list[dict], tasks: list[str], experts: dict[str, float]) -> di
         "needs_data": get_method(first["method"]).needs_data, "shots": first["shots"],
         "uses_labels": uses_labels(first["method"], first["params"]),
         "per_task_models": per_task_models(first["method"], first["params"]),
-        "seeds": [run["seed"] for run in runs],
+        "experts": first.get("experts"), "seeds": [run["seed"] for run in runs],
         "scores": {t: summary([run["scores"][t] for run in runs]) for t in tasks},
         "average": summary([run["average"] for run in runs]),
         "normalised": summary([run["normalised"] for run in runs]),
@@ -75,7 +76,7 @@ def _row(records: list[dict], tasks: list[str], experts: dict[str, float]) -> di
 
 
 def build_results(track: TrackConfig, records: list[dict], expert_scores: dict[str, dict],
-                  ensemble_scores: dict[str, dict], meta: dict) -> dict:
+                  ensemble_scores: dict[str, dict], meta: dict, base_scores: dict[str, dict] | None = None) -> dict:
     """The document ``bench`` writes as JSON and renders as Markdown and plots."""
     tasks = track.task_names()
     experts = {t: expert_scores[t]["score"] for t in tasks}
@@ -89,6 +90,10 @@ def build_results(track: TrackConfig, records: list[dict], expert_scores: dict[s
     if ensemble is not None:
         references["ensemble"] = {"scores": ensemble, "average": sum(ensemble.values()) / len(tasks),
                                   "normalised": normalised_average(ensemble, experts)}
+    if base_scores:
+        base = {t: base_scores[t]["score"] for t in tasks}
+        references["base"] = {"scores": base, "average": sum(base.values()) / len(tasks),
+                              "normalised": normalised_average(base, experts)}
     return {"track": track.model_dump(), "meta": meta, "tasks": tasks,
             "metrics": {t: expert_scores[t]["metric"] for t in tasks},
             "eval_examples": {t: expert_scores[t]["examples"] for t in tasks},

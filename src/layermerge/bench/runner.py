@@ -46,6 +46,7 @@ class Run:
     shots: int | None              # None for data-free methods
     seed: int | None               # sampling seed (data-driven) or the method's own seed (DARE); None: neither
     study: str = "main"            # "main" or the ablation's name
+    experts: list[str] | None = None   # a subset of the track's experts (pairwise rows); None: all
 
 
 def scratch_name(pid: int) -> str:
@@ -90,6 +91,7 @@ class BenchContext:
     expert_keys: dict[str, str] = field(default_factory=dict)
     expert_scores: dict[str, dict] = field(default_factory=dict)
     ensemble_scores: dict[str, dict] = field(default_factory=dict)
+    base_scores: dict[str, dict] = field(default_factory=dict)
     invocation: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     baseline_cost: dict | None = None
 
@@ -105,6 +107,21 @@ class BenchContext:
 
 
 # --------------------------------------------------------------------------- stage 1: experts
+def model_folder(base: str, cache_dir: Path, convert: bool = True) -> Path | None:
+    """The Hugging Face folder of a track's base: the folder itself, or a GGUF's cached conversion
+    (made first when ``convert``; None when it is not there yet)."""
+    from layermerge.bench.tracks import resolve_base_file
+    from layermerge.io import gguf
+
+    path = resolve_base_file(base)
+    if not gguf.is_gguf(path):
+        return path
+    if convert:
+        return gguf.GgufReader(path, "base model", cache_dir=cache_dir).folder
+    target = gguf.cached_folder_for(path, gguf.gguf_sha256(path), cache_dir)
+    return target if gguf.is_converted(target) else None
+
+
 def prepare_experts(ctx: BenchContext) -> None:
     """Fine-tune (or find cached) one expert per task with the track's recipe."""
     from layermerge.finetune import finetune, make_settings, vision_base_folder
@@ -120,7 +137,7 @@ def prepare_experts(ctx: BenchContext) -> None:
         ctx.base = vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir, settings.image_size)
         source = track.base
     else:
-        ctx.base = Path(track.base)
+        ctx.base = model_folder(track.base, ctx.cache_dir)
         source = ctx.base
     specs = track.task_specs()
     for number, spec in enumerate(specs, 1):
@@ -170,6 +187,10 @@ def locate_cached_experts(ctx: BenchContext) -> bool:
         source = prepared_base_path(minilm_path(), ctx.cache_dir)
         if not (source / "config.json").is_file():
             return False
+    elif not track.base.startswith("vision:"):
+        source = model_folder(track.base, ctx.cache_dir, convert=False)
+        if source is None:
+            return False
     settings = make_settings(**track.recipe)
     for spec in track.task_specs():
         found = find_cached_expert(source, spec, cache_dir=ctx.cache_dir, settings=settings,
@@ -195,6 +216,17 @@ def score_references(ctx: BenchContext) -> None:
             lambda task=task, spec=spec: evaluate_task(ctx.experts[task], spec, "test", track.eval_examples,
                                                        max_length=track.max_length, data_dir=track.data_dir).to_dict())
         ctx.say(f"expert {task}: {ctx.expert_scores[task]['score']:.2f}")
+    if track.base_reference:
+        from layermerge.finetune import base_fingerprint
+
+        base_key = base_fingerprint(ctx.base)
+        for task, spec in specs.items():
+            key = _digest({"base": base_key, "task": spec.record(), **settings, "layermerge": __version__})
+            ctx.base_scores[task] = _cached_json(
+                ctx.workdir / "references" / f"base-{task}-{key}.json",
+                lambda spec=spec: evaluate_task(ctx.base, spec, "test", track.eval_examples,
+                                                max_length=track.max_length, data_dir=track.data_dir).to_dict())
+            ctx.say(f"base on {task}: {ctx.base_scores[task]['score']:.2f}")
     if not track.ensemble:
         return
     for task, spec in specs.items():
@@ -254,17 +286,29 @@ def plan_runs(track: TrackConfig, studies: set[str]) -> list[Run]:
 
 
 def _ablation_run(track: TrackConfig, study: str, row: AblationRow, seed: int) -> Run:
+    from layermerge.methods.registry import get_method
+
     params = {**track.method_params.get(row.method, {}), **row.params}
-    return Run(row.label, row.method, params, row.shots or track.shots, seed, study)
+    if get_method(row.method).needs_data:
+        return Run(row.label, row.method, params, row.shots or track.shots, seed, study, row.experts)
+    if _has_seed_param(row.method):
+        return Run(row.label, row.method, {**params, "seed": seed}, None, seed, study, row.experts)
+    return Run(row.label, row.method, params, None, None, study, row.experts)
 
 
 # --------------------------------------------------------------------------- one run
+def run_tasks(ctx: BenchContext, run: Run) -> list:
+    """The task specs a run merges and is scored on: its experts' (pairwise rows), else all the track's."""
+    return [spec for spec in ctx.track.task_specs() if run.experts is None or spec.name in run.experts]
+
+
 def merge_config(ctx: BenchContext, run: Run) -> dict:
-    config = {"base": str(ctx.base), "experts": {t: str(p) for t, p in ctx.experts.items()},
+    names = [spec.name for spec in run_tasks(ctx, run)]
+    config = {"base": str(ctx.base), "experts": {t: str(ctx.experts[t]) for t in names},
               "method": run.method, "params": run.params}
     if run.shots is not None:
         config["data"] = {"shots": run.shots, "seed": run.seed, "max_length": ctx.track.max_length}
-        own = {spec.name: {"task": spec.record()} for spec in ctx.track.task_specs() if not spec.is_builtin}
+        own = {spec.name: {"task": spec.record()} for spec in run_tasks(ctx, run) if not spec.is_builtin}
         if own:
             config["data"]["tasks"] = own
         if ctx.track.data_dir is not None:
@@ -278,7 +322,8 @@ def run_key(ctx: BenchContext, run: Run) -> str:
 
     params = validate_params(get_method(run.method), dict(run.params)).model_dump()
     data = {"shots": run.shots, "seed": run.seed, "max_length": ctx.track.max_length} if run.shots else None
-    return _digest({"experts": ctx.expert_keys, "method": run.method, "params": params, "data": data,
+    experts = {t: ctx.expert_keys[t] for t in (run.experts or ctx.expert_keys)}
+    return _digest({"experts": experts, "method": run.method, "params": params, "data": data,
                     "eval": eval_settings(ctx.track), "layermerge": __version__})
 
 
@@ -361,11 +406,11 @@ def execute(ctx: BenchContext, run: Run) -> dict:
     cost, output = measured_merge(ctx, merge_config(ctx, run), name)
     record = {"row": run.row, "study": run.study, "method": run.method, "params": run.params,
               "shots": run.shots, "seed": run.seed, "key": run_key(ctx, run), "invocation": ctx.invocation,
-              "cost": cost, "baseline_cost": baseline}
+              "experts": run.experts, "cost": cost, "baseline_cost": baseline}
     if cost.get("exit_code") == 0:
         track = ctx.track
         record["scores"] = {t.name: evaluate_task(output, t, "test", track.eval_examples, max_length=track.max_length,
-                                                  data_dir=track.data_dir).to_dict() for t in track.task_specs()}
+                                                  data_dir=track.data_dir).to_dict() for t in run_tasks(ctx, run)}
         record["merge_summary"] = merge_summary(output)
         record["cost"]["rss_vs_task_arithmetic"] = round(cost["peak_rss_mib"] / baseline["peak_rss_mib"], 3)
         record["cost"]["time_vs_task_arithmetic"] = round(cost["wall_s"] / max(baseline["wall_s"], 1e-3), 3)
@@ -443,7 +488,8 @@ def describe_plan(runs: list[Run], statuses: list[str]) -> str:
     for run, status in zip(runs, statuses):
         seed = "" if run.seed is None else f" seed {run.seed}"
         shots = "" if run.shots is None else f", {run.shots} shots"
-        lines.append(f"{run.study:>12}  {run.row}{seed}: {run.method} {run.params}{shots}  [{status}]")
+        experts = "" if run.experts is None else f", experts {'+'.join(run.experts)}"
+        lines.append(f"{run.study:>12}  {run.row}{seed}: {run.method} {run.params}{shots}{experts}  [{status}]")
     counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
     lines.append(f"{len(runs)} runs" + (": " + ", ".join(f"{n} {s}" for s, n in counts.items()) if runs else ""))
     return "\n".join(lines)
@@ -512,7 +558,7 @@ def run_track(track: TrackConfig, *, workdir: Path, cache_dir: Path, studies: se
     score_references(ctx)
     records = run_all(ctx, runs, rerun, only, seeds)
     shutil.rmtree(ctx.scratch, ignore_errors=True)
-    return build_results(track, records, ctx.expert_scores, ctx.ensemble_scores,
-                         {"command": command, "date": ctx.invocation, "machine": machine(),
-                          "seconds": round(time.perf_counter() - started, 1), "device": device,
-                          "experts": {t: str(p) for t, p in ctx.experts.items()}})
+    meta = {"command": command, "date": ctx.invocation, "machine": machine(),
+            "seconds": round(time.perf_counter() - started, 1), "device": device,
+            "experts": {t: str(p) for t, p in ctx.experts.items()}}
+    return build_results(track, records, ctx.expert_scores, ctx.ensemble_scores, meta, base_scores=ctx.base_scores)

