@@ -378,3 +378,36 @@ def test_blocks_called_twice_are_refused():
     with pytest.raises(BlockPlanError, match="not called once each"):
         run_engine(copy.deepcopy(base), StateDictSource.from_models(base, {"a": base}),
                    {"a": [{"x": torch.ones(1, 4)}]}, BlockTaskArithmetic())
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_task_arithmetic_tensor_streams_experts_and_matches_the_stacked_sum(count, monkeypatch):
+    """Summing task vectors one expert at a time, in slices, gives θ0 + λ Σ τ bit for bit as the stacked
+    expression (and so as the data-free Task Arithmetic); a generator's previous expert is freed before
+    the next is read, so a vocabulary-sized tensor is never held T times."""
+    import weakref
+
+    import layermerge.engine.driver as driver
+
+    monkeypatch.setattr(driver, "SUM_CHUNK", 7)          # many slices, one of them partial
+    generator = torch.Generator().manual_seed(count)
+    base = torch.randn(5, 9, generator=generator)
+    experts = [base + 0.01 * torch.randn(5, 9, generator=generator) for _ in range(count)]
+    expected = base + 0.3 * torch.stack([e - base for e in experts]).sum(0)
+    assert torch.equal(task_arithmetic_tensor(base, experts, 0.3), expected)
+
+    alive = []
+
+    def one_at_a_time():
+        for expert in experts:
+            assert not any(ref() is not None for ref in alive), "the previous expert is still held"
+            copy_ = expert.clone()
+            alive.append(weakref.ref(copy_))
+            yield copy_
+            del copy_
+
+    assert torch.equal(task_arithmetic_tensor(base, one_at_a_time(), 0.3), expected)
+    integer = torch.arange(6)
+    assert task_arithmetic_tensor(integer, iter([integer + 1]), 0.3) is integer
+    with pytest.raises(ValueError, match="at least one expert"):
+        task_arithmetic_tensor(base, iter([]), 0.3)

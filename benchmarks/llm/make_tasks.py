@@ -1,7 +1,8 @@
 """Write generation tasks as layermerge task specs (JSONL files + task.yaml + a scorer).
 
 Tasks come from reasoning-gym generators (``name`` or ``name:key=value,key=value`` for the generator's
-settings) or from ``python_output`` (this folder's code-reading generator, scored by exact match).
+settings) or from ``python_output`` (this folder's code-reading generator, scored by exact match;
+``python_output:steps=2`` chains two operations per program).
 Each task gets ``train.jsonl`` and ``test.jsonl`` from different generator seeds (questions that
 appear in both are dropped from train, so the splits are disjoint), each row holding the prompt, the
 reference answer and the generator's entry (for its scorer); ``task.yaml`` names the scorer
@@ -53,7 +54,7 @@ def rows(generator: str, size: int, seed: int, config: dict | None = None) -> li
         from python_output import rows as program_rows
 
         return [{"prompt": row["question"] + INSTRUCTION, "answer": row["answer"], "generator": generator}
-                for row in program_rows(size, seed)]
+                for row in program_rows(size, seed, **(config or {}))]
     import reasoning_gym
 
     dataset = reasoning_gym.create_dataset(generator, size=size, seed=seed, **(config or {}))

@@ -1,4 +1,4 @@
-"""A code-reading task: short Python programs (two chained list or string operations, then a print) and
+"""A code-reading task: short Python programs (one or more list or string operations, then a print) and
 the exact output they print, in the style of CRUXEval-O. Programs come from a seeded generator; each
 answer is what running the program prints, so the reference is correct by construction."""
 
@@ -20,15 +20,15 @@ STRING_STEPS = [
 ]
 
 
-def program(rng: random.Random) -> str:
-    """Two steps on a list of small numbers or on a word, then ``print``."""
+def program(rng: random.Random, steps: int = 1) -> str:
+    """``steps`` operations on a list of small numbers or on a word, then ``print``."""
     if rng.random() < 0.5:
         values = [rng.randrange(1, 10) for _ in range(rng.randrange(3, 6))]
-        steps = [step.format(k=rng.randrange(1, 10)) for step in rng.sample(LIST_STEPS, 2)]
-        return "\n".join([f"x = {values}", *steps, "print(x)"])
+        chosen = [step.format(k=rng.randrange(1, 10)) for step in rng.sample(LIST_STEPS, steps)]
+        return "\n".join([f"x = {values}", *chosen, "print(x)"])
     word = rng.choice(WORDS)
-    steps = [step.format(c=rng.choice(word)) for step in rng.sample(STRING_STEPS, 2)]
-    return "\n".join([f"s = {word!r}", *steps, "print(s)"])
+    chosen = [step.format(c=rng.choice(word)) for step in rng.sample(STRING_STEPS, steps)]
+    return "\n".join([f"s = {word!r}", *chosen, "print(s)"])
 
 
 def output_of(source: str) -> str:
@@ -39,11 +39,11 @@ def output_of(source: str) -> str:
     return printed.getvalue().strip()
 
 
-def rows(size: int, seed: int) -> list[dict]:
+def rows(size: int, seed: int, steps: int = 1) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(size):
-        source = program(rng)
+        source = program(rng, steps)
         question = f"What does this Python program print?\n\n```python\n{source}\n```"
         out.append({"question": question, "answer": output_of(source)})
     return out

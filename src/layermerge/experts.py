@@ -401,11 +401,14 @@ class ExpertSet:
         return self.base.get(key)
 
     def expert_tensors(self, key: str) -> list[torch.Tensor]:
-        tensors = [expert.get(key) for expert in self.experts]
-        if key in self.report.vocab_keys:
-            rows = self.reference.shape(self.reference_prefix + key)[0]
-            tensors = [t[:rows] for t in tensors]
-        return tensors
+        return list(self.each_expert_tensor(key))
+
+    def each_expert_tensor(self, key: str) -> Iterator[torch.Tensor]:
+        """The experts' tensors for ``key`` read one at a time (vocabulary tensors cut to the output's rows),
+        for consumers that never need them all at once: a 150k-row embedding is 0.9 GB per expert."""
+        rows = self.reference.shape(self.reference_prefix + key)[0] if key in self.report.vocab_keys else None
+        for expert in self.experts:      # no local holds a yielded tensor while the consumer works on it
+            yield expert.get(key) if rows is None else expert.get(key)[:rows]
 
     def iter_merge_tensors(self, dtype: torch.dtype = torch.float32,
                            check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -194,20 +194,45 @@ def _block_params(source: WeightSource, prefix: str, names: list[str], device,
     return base, expert_weights
 
 
-def non_block_tensor(key: str, base: torch.Tensor, experts: list[torch.Tensor], scaling: float) -> torch.Tensor:
+def non_block_tensor(key: str, base: torch.Tensor, experts: Iterable[torch.Tensor], scaling: float) -> torch.Tensor:
     """A tensor outside the trained blocks: Task Arithmetic at ``scaling``, except normalisation running
-    statistics, which are the experts' mean (see ``layermerge.norm_stats``)."""
+    statistics, which are the experts' mean (see ``layermerge.norm_stats``). ``experts`` may be a
+    generator that reads one expert at a time (see ``task_arithmetic_tensor``)."""
     if base.is_floating_point() and is_running_statistic(key):
-        return mean_of_experts(experts).to(base.dtype)
+        return mean_of_experts(list(experts)).to(base.dtype)
     return task_arithmetic_tensor(base, experts, scaling)
 
 
-def task_arithmetic_tensor(base: torch.Tensor, experts: list[torch.Tensor], scaling: float) -> torch.Tensor:
-    """θ0 + λ Σ τ_i for float tensors (the data-free method's expression, so results match bit for bit);
-    the base for integer buffers."""
+SUM_CHUNK = 1 << 22        # elements per slice when a task vector is added to the running sum
+
+
+def task_arithmetic_tensor(base: torch.Tensor, experts: Iterable[torch.Tensor], scaling: float) -> torch.Tensor:
+    """θ0 + λ Σ τ_i for float tensors, the base for integer buffers.
+
+    The task vectors are summed one expert at a time, each added in slices of ``SUM_CHUNK``
+    elements, so besides the inputs only the sum is held, not the stack of T task vectors and its
+    temporaries. ``experts`` may be a generator that reads one expert at a time: then base, sum and
+    one expert are held, 3 tensors, where the stacked form held 7 with two experts (for Qwen2.5-1.5B's
+    151,936 × 1,536 float32 embedding 0.9 GB each; benchmarks/llm/scale_qwen.py). The operations and
+    their order are those of ``base + λ · stack(τ).sum(0)`` and of the data-free Task Arithmetic, so
+    results match both bit for bit.
+    """
     if not base.is_floating_point():
         return base
-    return base + scaling * torch.stack([expert - base for expert in experts]).sum(0)
+    total = None
+    for expert in experts:
+        if total is None:
+            total = (expert - base).contiguous()
+        else:
+            flat_total, flat_expert, flat_base = total.view(-1), expert.reshape(-1), base.reshape(-1)
+            for start in range(0, flat_total.numel(), SUM_CHUNK):
+                part = slice(start, start + SUM_CHUNK)
+                flat_total[part] += flat_expert[part] - flat_base[part]
+            del flat_expert
+        del expert              # before a generator reads the next one
+    if total is None:
+        raise ValueError("task_arithmetic_tensor needs at least one expert tensor")
+    return total.mul_(scaling).add_(base)
 
 
 # --------------------------------------------------------------------- the engine
@@ -335,8 +360,7 @@ class BlockEngine:
 
         Each expert's non-block weights are read and loaded one expert at a time.
         """
-        merged_non_block = {key: non_block_tensor(key, self.source.base(key), self.source.experts(key),
-                                                  self.scaling)
+        merged_non_block = {key: non_block_tensor(key, self.source.base(key), self._each_expert(key), self.scaling)
                             for key in self.non_block_keys}
         self._load_non_block(merged_non_block)
         self._check_embedding_materialised()
@@ -351,6 +375,12 @@ class BlockEngine:
             self._capture("expert", task, "zi", first_block)
         self._load_non_block(merged_non_block)
         return merged_non_block
+
+    def _each_expert(self, key: str) -> Iterator[torch.Tensor]:
+        """The experts' tensors for ``key``, read one at a time (a non-block tensor can be the vocabulary
+        embedding: holding every expert's float32 copy at once would cost T of them)."""
+        for position in range(len(self.tasks)):
+            yield expert_tensor(self.source, key, position)
 
     # ----------------------------------------------------------------- streaming
     @torch.no_grad()

@@ -76,13 +76,18 @@ class OutputSink:
         """Merged keys the template does not hold (nothing runs them): Task Arithmetic, like non-block weights."""
         left = [key for key in expert_set.report.merge_keys if key not in self.written]
         for key in left:
+            # One tensor at a time, each dropped as soon as it is used: an untied lm_head is vocabulary-sized
+            # (0.9 GB in float32 for Qwen2.5-1.5B). map keeps no reference to an expert's original once its
+            # float copy exists (a generator expression's loop variable would hold it until the next read).
             base = expert_set.base_tensor(key)
-            experts = expert_set.expert_tensors(key)
             as_float = (lambda t: t.float()) if base.is_floating_point() else (lambda t: t)
-            merged = non_block_tensor(key, as_float(base), [as_float(t) for t in experts], scaling)
+            base = as_float(base)
+            merged = non_block_tensor(key, base, map(as_float, expert_set.each_expert_tensor(key)), scaling)
+            del base
             dtype = self.out_dtype or self.reference.dtype(self.ref_prefix + key)
             self.writer.add_tensor(key, merged.to(dtype))
             self.written.add(key)
+            del merged
         return left
 
 
