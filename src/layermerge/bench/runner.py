@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from layermerge import __version__
-from layermerge.bench.tracks import AblationRow, TrackConfig
+from layermerge.bench.tracks import TrackConfig
 from layermerge.errors import ConfigError
 
 BASELINE = "task_arithmetic"
@@ -264,36 +264,33 @@ def _has_seed_param(method: str) -> bool:
 
 def plan_runs(track: TrackConfig, studies: set[str]) -> list[Run]:
     """Every (row, seed) of the main table ("main" in ``studies``) and of the named ablations."""
-    from layermerge.methods.registry import get_method
 
     runs: list[Run] = []
     if "main" in studies:
         for method in track_methods(track):
-            params = dict(track.method_params.get(method, {}))
-            if get_method(method).needs_data:
-                runs += [Run(method, method, params, track.shots, s) for s in track.seeds]
-            elif _has_seed_param(method):
-                runs += [Run(method, method, {**params, "seed": s}, None, s) for s in track.seeds]
-            else:
-                runs.append(Run(method, method, params, None, None))
+            runs += row_runs(method, method, dict(track.method_params.get(method, {})), track.shots, track.seeds)
     seeds = track.ablation_seeds or track.seeds
     for study, rows in track.ablations.items():
         if study not in studies and "ablations" not in studies:
             continue
         for row in rows:
-            runs += [_ablation_run(track, study, row, s) for s in (row.seeds or seeds)]
+            params = {**track.method_params.get(row.method, {}), **row.params}
+            runs += row_runs(row.label, row.method, params, row.shots or track.shots, row.seeds or seeds, study,
+                             row.experts)
     return runs
 
 
-def _ablation_run(track: TrackConfig, study: str, row: AblationRow, seed: int) -> Run:
+def row_runs(row: str, method: str, params: dict, shots: int, seeds: list[int], study: str = "main",
+             experts: list[str] | None = None) -> list[Run]:
+    """A row's runs: one per sampling seed for data-driven methods, one per seed of a random data-free
+    method (DARE), a single run otherwise."""
     from layermerge.methods.registry import get_method
 
-    params = {**track.method_params.get(row.method, {}), **row.params}
-    if get_method(row.method).needs_data:
-        return Run(row.label, row.method, params, row.shots or track.shots, seed, study, row.experts)
-    if _has_seed_param(row.method):
-        return Run(row.label, row.method, {**params, "seed": seed}, None, seed, study, row.experts)
-    return Run(row.label, row.method, params, None, None, study, row.experts)
+    if get_method(method).needs_data:
+        return [Run(row, method, params, shots, s, study, experts) for s in seeds]
+    if _has_seed_param(method):
+        return [Run(row, method, {**params, "seed": s}, None, s, study, experts) for s in seeds]
+    return [Run(row, method, params, None, None, study, experts)]
 
 
 # --------------------------------------------------------------------------- one run
