@@ -16,6 +16,16 @@ evaluation on ``--split`` (validation to choose settings; the track's seeded sub
 normalised by each expert's score on the same split. Runs alternate seed by seed, so slow drift of
 the machine's load hits every setting alike. Experts must already be fine-tuned
 (``layermerge bench TRACK --stages experts``).
+
+Generation tracks keep their selection split in files of their own (a task spec's ``validation``
+file would change the spec, hence the experts' cache keys): ``--score-tasks SPEC,...`` scores on
+those specs instead (same task names), e.g. for the LLM track
+
+    .venv/bin/python benchmarks/prodistill_speed.py --track benchmarks/tracks/llm-smol.yaml \
+        --score-tasks benchmarks/llm/validation/chain_sum.yaml,... --split validation \
+        --threads 1 --run paper:lr=0.1,init=0.3,epochs=10 --run lr01:lr=0.01,init=0.3,epochs=10
+
+``--method regmean`` (or any data-driven method) measures that method instead, as a reference row.
 """
 
 from __future__ import annotations
@@ -75,7 +85,8 @@ def measured_merge(config: dict, folder: Path, name: str, pythonpath: Path | Non
     if process.returncode != 0:
         raise SystemExit(f"merge {name} failed: {process.stderr.strip().splitlines()[-1:]}")
     summary = json.loads((output / "layermerge_summary.json").read_text()).get("summary", {})
-    blocks = json.loads((output / "prodistill" / "blocks.json").read_text())["blocks"]
+    blocks_file = output / "prodistill" / "blocks.json"
+    blocks = json.loads(blocks_file.read_text())["blocks"] if blocks_file.is_file() else []
     cost["output"] = str(output)
     cost["epochs_run"] = [block["stats"].get("epochs_run") for block in blocks]
     cost["loss_final"] = [block["stats"].get("loss_final") for block in blocks]
@@ -94,13 +105,17 @@ def main(argv=None) -> int:
                         help="where to score (image tasks have no validation split: train, a seeded subset "
                              "of which the 64 shots are a sliver, is the selection split there)")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--method", default="prodistill", help="the data-driven method to run (default prodistill)")
+    parser.add_argument("--score-tasks", default=None, metavar="SPEC,...",
+                        help="task spec files to score on instead of the track's tasks (same names; for a "
+                             "generation track's own validation files)")
     parser.add_argument("--json", type=Path, default=None, help="add the runs to this JSON file")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from layermerge.bench.runner import BenchContext, locate_cached_experts
+    from layermerge.bench.runner import BenchContext, Run, locate_cached_experts, merge_config, model_folder
     from layermerge.bench.tracks import load_track
     from layermerge.eval.evaluate import evaluate_task
     from layermerge.finetune import cache_root
@@ -114,19 +129,32 @@ def main(argv=None) -> int:
         from layermerge.demo import minilm_path, prepared_base_path
         from layermerge.finetune import make_settings, vision_base_folder
 
-        ctx.base = (prepared_base_path(minilm_path(), ctx.cache_dir) if track.base == "minilm" else
-                    vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir,
-                                       make_settings(**track.recipe).image_size))
+        if track.base == "minilm":
+            ctx.base = prepared_base_path(minilm_path(), ctx.cache_dir)
+        elif track.base.startswith("vision:"):
+            ctx.base = vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir,
+                                          make_settings(**track.recipe).image_size)
+        else:
+            ctx.base = model_folder(track.base, ctx.cache_dir)
     runs = [parse_run(text) for text in args.run]
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    def score(output: str) -> dict:
-        return {task: evaluate_task(output, task, args.split, track.eval_examples, max_length=track.max_length,
-                                    data_dir=track.data_dir).score for task in track.tasks}
+    names = track.task_names()
+    scored = dict(zip(names, track.tasks))
+    if args.score_tasks:
+        from layermerge.data.tasks import get_task
 
-    expert_scores = {task: evaluate_task(ctx.experts[task], task, args.split, track.eval_examples,
+        scored = {get_task(spec).name: spec for spec in args.score_tasks.split(",")}
+        if sorted(scored) != sorted(names):
+            raise SystemExit(f"--score-tasks names {sorted(scored)}, the track's tasks are {sorted(names)}")
+
+    def score(output: str) -> dict:
+        return {name: evaluate_task(output, task, args.split, track.eval_examples, max_length=track.max_length,
+                                    data_dir=track.data_dir).score for name, task in scored.items()}
+
+    expert_scores = {name: evaluate_task(ctx.experts[name], task, args.split, track.eval_examples,
                                          max_length=track.max_length, data_dir=track.data_dir).score
-                     for task in track.tasks}
+                     for name, task in scored.items()}
     results = []
     with tempfile.TemporaryDirectory(prefix="prodistill-speed-") as scratch:
         scratch = Path(scratch)
@@ -134,19 +162,18 @@ def main(argv=None) -> int:
                  for run in runs if run["commit"]}
         for seed in seeds:
             for run in runs:
-                base_params = dict(track.method_params.get("prodistill", {}))
-                config = {"base": str(ctx.base), "experts": {t: str(p) for t, p in ctx.experts.items()},
-                          "method": "prodistill", "params": {**base_params, **run["params"]},
-                          "data": {"shots": track.shots, "seed": seed, "max_length": track.max_length},
-                          "engine": {"device": "cpu", "seed": seed, **run["engine"]}}
-                if track.data_dir is not None:
-                    config["data"]["data_dir"] = track.data_dir
+                base_params = dict(track.method_params.get(args.method, {}))
+                config = merge_config(ctx, Run(row=run["label"], method=args.method,
+                                               params={**base_params, **run["params"]}, shots=track.shots,
+                                               seed=seed))
+                config["engine"] = {"device": "cpu", "seed": seed, **run["engine"]}
                 name = f"{run['label']}-seed{seed}"
                 print(f"[{datetime.now().strftime('%H:%M:%S')}] {name}: merging", flush=True)
                 cost = measured_merge(config, scratch, name, trees.get(run["commit"]), args.threads)
                 scores = score(cost.pop("output"))
-                normalised = {t: 100 * scores[t] / expert_scores[t] for t in track.tasks}
-                entry = {"label": run["label"], "commit": run["commit"], "seed": seed, "params": config["params"],
+                normalised = {t: 100 * scores[t] / expert_scores[t] for t in scored}
+                entry = {"label": run["label"], "commit": run["commit"], "seed": seed, "method": args.method,
+                         "params": config["params"],
                          "engine": run["engine"], "wall_s": cost.get("wall_s"),
                          "peak_rss_mib": cost.get("peak_rss_mib"),
                          "epochs_run": cost.get("epochs_run"), "padding_share": cost.get("padding_share"),

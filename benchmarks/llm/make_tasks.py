@@ -10,6 +10,14 @@ reference answer and the generator's entry (for its scorer); ``task.yaml`` names
 
     .venv/bin/python benchmarks/llm/make_tasks.py --out /tmp/llm_tasks --task spell_backward \\
         --task chain_sum:min_terms=2,max_terms=3,max_digits=2 --task python_output --train 512 --test 200
+
+``--validation-of TRACK_TASKS`` writes a selection split instead: ``validation.jsonl`` from generator
+seed 3 without any prompt of the train or test files already under ``TRACK_TASKS/<generator>/``, and
+a task spec of the same name that has only that split (kept apart so the track's own specs, hence
+its experts' cache keys, stay as they are):
+
+    .venv/bin/python benchmarks/llm/make_tasks.py --out benchmarks/llm/validation \\
+        --validation-of benchmarks/tracks/llm-smol --test 200 --task python_output:steps=1 ...
 """
 
 import argparse
@@ -90,6 +98,31 @@ def write_task(out: Path, task: str, train: int, test: int, max_new_tokens: int)
     return folder / "task.yaml"
 
 
+def write_validation(out: Path, task: str, size: int, max_new_tokens: int, track_tasks: Path) -> Path:
+    """``validation.jsonl`` (seed 3, disjoint from the track's train and test prompts) and its spec."""
+    generator, config = parse_task(task)
+    taken = set()
+    for split in ("train", "test"):
+        path = track_tasks / generator / f"{split}.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: --validation-of names the folder that holds the track's tasks")
+        taken |= {json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()}
+    chosen = [row for row in rows(generator, size + 4 * size, 3, config) if row["prompt"] not in taken][:size]
+    if len(chosen) < size:
+        raise SystemExit(f"{generator}: only {len(chosen)} validation rows differ from the train and test rows")
+    folder = out / generator
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    metric = "exact_match" if generator == "python_output" else "rg_score:score"
+    if metric != "exact_match":
+        (folder / "rg_score.py").write_text(SCORER)
+    (folder / "task.yaml").write_text(
+        f"# generator: {task}; validation seed 3, disjoint from {track_tasks}/{generator} (make_tasks.py)\n"
+        f"name: {generator.replace('_', '-')}\ntype: generation\nfiles: {{validation: validation.jsonl}}\n"
+        f"prompt: prompt\ncompletion: answer\nmetric: {metric}\nmax_new_tokens: {max_new_tokens}\n")
+    return folder / "task.yaml"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -99,9 +132,15 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--validation-of", type=Path, default=None, metavar="TRACK_TASKS",
+                        help="write only a validation split (--test rows, seed 3) disjoint from the tasks "
+                             "already in this folder")
     args = parser.parse_args()
     for task in args.task:
-        print(write_task(Path(args.out), task, args.train, args.test, args.max_new_tokens))
+        if args.validation_of is not None:
+            print(write_validation(Path(args.out), task, args.test, args.max_new_tokens, args.validation_of))
+        else:
+            print(write_task(Path(args.out), task, args.train, args.test, args.max_new_tokens))
 
 
 if __name__ == "__main__":
