@@ -155,6 +155,18 @@ def main(argv=None) -> int:
     expert_scores = {name: evaluate_task(ctx.experts[name], task, args.split, track.eval_examples,
                                          max_length=track.max_length, data_dir=track.data_dir).score
                      for name, task in scored.items()}
+    def save(path: Path, entries: list, experts: dict) -> None:
+        existing = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        existing["runs"].extend({**r, "track": track.name, "split": args.split, "threads": args.threads,
+                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "command": "python benchmarks/prodistill_speed.py " + " ".join(sys.argv[1:])}
+                                for r in entries)
+        existing["expert_scores"] = {**existing.get("expert_scores", {}), f"{track.name}/{args.split}": experts}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(existing, indent=2) + "\n")
+
+    if args.json is not None:
+        save(args.json, [], expert_scores)
     results = []
     with tempfile.TemporaryDirectory(prefix="prodistill-speed-") as scratch:
         scratch = Path(scratch)
@@ -181,6 +193,8 @@ def main(argv=None) -> int:
                          "scores": scores, "normalised": normalised,
                          "normalised_average": sum(normalised.values()) / len(normalised)}
                 results.append(entry)
+                if args.json is not None:           # after every run: a long sweep that stops keeps its rows
+                    save(args.json, [entry], {})
                 print(f"    wall {entry['wall_s']} s, peak {entry['peak_rss_mib']} MiB, normalised "
                       f"{entry['normalised_average']:.2f}, epochs {entry['epochs_run']}", flush=True)
                 shutil.rmtree(scratch / name, ignore_errors=True)
@@ -195,16 +209,6 @@ def main(argv=None) -> int:
         spread = (sum((q - mean) ** 2 for q in quality) / (len(quality) - 1)) ** 0.5 if len(quality) > 1 else 0.0
         first = first or wall
         print(f"{run['label']:<24} {len(rows):>5} {wall:8.1f} {first / wall:10.2f} {mean:7.2f} ± {spread:.2f}")
-    if args.json is not None:
-        existing = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
-        existing["runs"].extend({**r, "track": track.name, "split": args.split, "threads": args.threads,
-                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "command": "python benchmarks/prodistill_speed.py " + " ".join(sys.argv[1:])}
-                                for r in results)
-        existing["expert_scores"] = {**existing.get("expert_scores", {}),
-                                     f"{track.name}/{args.split}": expert_scores}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(existing, indent=2) + "\n")
     return 0
 
 

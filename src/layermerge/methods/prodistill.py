@@ -10,13 +10,11 @@ at every step instead, only to measure what that saves). See ../shared/docs/METH
 λ is stored as ``init + δ`` with δ trained from zero: the same optimisation, and at δ = 0 the
 merged weights are bit-for-bit Task Arithmetic at ``init``.
 
-Defaults that depart from the paper, chosen by measurement on validation splits (docs/BENCHMARKS.md,
-"ProDistill, faster"): 64 examples per Adam step with lr 0.04 (the paper's 16 and 0.01, scaled
-together) for at most 10 epochs per block, since every step also pays a pass over λ, its gradient and
-Adam's moments, each the block's size times the tasks; a block stops sooner once its epoch loss has
-improved by less than 1 % for two epochs in a row (``patience=2, tolerance=0.01``); the block's
-matmuls run in bfloat16 where the hardware does that natively (``train_precision=auto``). The
-paper's schedule is ``lr=0.01, batch_size=16, epochs=50, patience=0, train_precision=float32``.
+Defaults that depart from the paper, chosen by measurement (docs/BENCHMARKS.md, "ProDistill,
+faster"): a block stops once its epoch loss has improved by less than 1 % for two epochs in a row
+(``patience=2, tolerance=0.01``), and the block's matmuls run in bfloat16 where the hardware does
+that natively (``train_precision=auto``). The paper's schedule is ``patience=0,
+train_precision=float32`` (with its ``epochs``).
 """
 
 from __future__ import annotations
@@ -41,11 +39,10 @@ class ProDistill(DataDrivenMethod):
     class Params(MethodParams):
         init: float = Field(0.3, description="initial λ for every task and element (the paper: 0.3; 0.5 for "
                                              "two experts); also the Task Arithmetic λ of non-block weights")
-        lr: float = Field(0.04, ge=0, description="Adam learning rate (paper: 0.01 vision/NLU at batch 16, "
-                                                  "0.1 LLMs; 0.04 goes with the default batch of 64)")
-        epochs: int = Field(10, ge=0, description="most passes over the cached few-shot pairs per block "
+        lr: float = Field(0.01, ge=0, description="Adam learning rate (paper: 0.01 vision/NLU, 0.1 LLMs)")
+        epochs: int = Field(50, ge=0, description="most passes over the cached few-shot pairs per block "
                                                   "(paper: 50-100); patience may stop a block sooner")
-        batch_size: int = Field(64, ge=1, description="examples per Adam step (whole cached batches are "
+        batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches are "
                                                       "grouped up to this size; paper: 16 NLU, 128 vision)")
         patience: Patience = 2
         tolerance: Tolerance = 0.01
