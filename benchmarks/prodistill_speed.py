@@ -22,7 +22,7 @@ file would change the spec, hence the experts' cache keys): ``--score-tasks SPEC
 those specs instead (same task names), e.g. for the LLM track
 
     .venv/bin/python benchmarks/prodistill_speed.py --track benchmarks/tracks/llm-smol.yaml \
-        --score-tasks benchmarks/llm/validation/chain_sum.yaml,... --split validation \
+        --score-tasks benchmarks/llm/validation/chain_sum/task.yaml,... --split validation \
         --threads 1 --run paper:lr=0.1,init=0.3,epochs=10 --run lr01:lr=0.01,init=0.3,epochs=10
 
 ``--method regmean`` (or any data-driven method) measures that method instead, as a reference row.
@@ -155,18 +155,21 @@ def main(argv=None) -> int:
     expert_scores = {name: evaluate_task(ctx.experts[name], task, args.split, track.eval_examples,
                                          max_length=track.max_length, data_dir=track.data_dir).score
                      for name, task in scored.items()}
-    def save(path: Path, entries: list, experts: dict) -> None:
+
+    def save(path: Path, entries: list) -> None:
+        """Add ``entries`` to the JSON file (with the experts' scores on this split)."""
         existing = json.loads(path.read_text()) if path.is_file() else {"runs": []}
         existing["runs"].extend({**r, "track": track.name, "split": args.split, "threads": args.threads,
                                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                  "command": "python benchmarks/prodistill_speed.py " + " ".join(sys.argv[1:])}
                                 for r in entries)
-        existing["expert_scores"] = {**existing.get("expert_scores", {}), f"{track.name}/{args.split}": experts}
+        existing["expert_scores"] = {**existing.get("expert_scores", {}),
+                                     f"{track.name}/{args.split}": expert_scores}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(existing, indent=2) + "\n")
 
     if args.json is not None:
-        save(args.json, [], expert_scores)
+        save(args.json, [])
     results = []
     with tempfile.TemporaryDirectory(prefix="prodistill-speed-") as scratch:
         scratch = Path(scratch)
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
                          "normalised_average": sum(normalised.values()) / len(normalised)}
                 results.append(entry)
                 if args.json is not None:           # after every run: a long sweep that stops keeps its rows
-                    save(args.json, [entry], {})
+                    save(args.json, [entry])
                 print(f"    wall {entry['wall_s']} s, peak {entry['peak_rss_mib']} MiB, normalised "
                       f"{entry['normalised_average']:.2f}, epochs {entry['epochs_run']}", flush=True)
                 shutil.rmtree(scratch / name, ignore_errors=True)

@@ -76,24 +76,31 @@ def rows(generator: str, size: int, seed: int, config: dict | None = None) -> li
 
 def write_task(out: Path, task: str, train: int, test: int, max_new_tokens: int) -> Path:
     generator, config = parse_task(task)
-    folder = out / generator
-    folder.mkdir(parents=True, exist_ok=True)
     test_rows = rows(generator, test, 2, config)
     seen = {row["prompt"] for row in test_rows}
     train_rows = [row for row in rows(generator, train + 4 * test, 1, config) if row["prompt"] not in seen][:train]
     if len(train_rows) < train:
         raise SystemExit(f"{generator}: only {len(train_rows)} training rows differ from the test rows")
-    for split, data in (("train", train_rows), ("test", test_rows)):
+    return write_spec(out / generator, task, {"train": train_rows, "test": test_rows}, "train seed 1, test seed 2",
+                      max_new_tokens)
+
+
+def write_spec(folder: Path, task: str, splits: dict[str, list[dict]], origin: str, max_new_tokens: int) -> Path:
+    """One JSONL file per split, the scorer where reasoning-gym scores the task, and ``task.yaml``."""
+    generator, _ = parse_task(task)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, data in splits.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
     if generator == "python_output":
         metric = "exact_match"
     else:
         (folder / "rg_score.py").write_text(SCORER)
         metric = "rg_score:score"
-    settings = f"# generator: {task}; train seed 1, test seed 2 (benchmarks/llm/make_tasks.py)\n"
+    files = ", ".join(f"{split}: {split}.jsonl" for split in splits)
     (folder / "task.yaml").write_text(
-        f"{settings}name: {generator.replace('_', '-')}\ntype: generation\n"
-        f"files: {{train: train.jsonl, test: test.jsonl}}\nprompt: prompt\ncompletion: answer\n"
+        f"# generator: {task}; {origin} (benchmarks/llm/make_tasks.py)\n"
+        f"name: {generator.replace('_', '-')}\ntype: generation\n"
+        f"files: {{{files}}}\nprompt: prompt\ncompletion: answer\n"
         f"metric: {metric}\nmax_new_tokens: {max_new_tokens}\n")
     return folder / "task.yaml"
 
@@ -110,17 +117,8 @@ def write_validation(out: Path, task: str, size: int, max_new_tokens: int, track
     chosen = [row for row in rows(generator, size + 4 * size, 3, config) if row["prompt"] not in taken][:size]
     if len(chosen) < size:
         raise SystemExit(f"{generator}: only {len(chosen)} validation rows differ from the train and test rows")
-    folder = out / generator
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chosen))
-    metric = "exact_match" if generator == "python_output" else "rg_score:score"
-    if metric != "exact_match":
-        (folder / "rg_score.py").write_text(SCORER)
-    (folder / "task.yaml").write_text(
-        f"# generator: {task}; validation seed 3, disjoint from {track_tasks}/{generator} (make_tasks.py)\n"
-        f"name: {generator.replace('_', '-')}\ntype: generation\nfiles: {{validation: validation.jsonl}}\n"
-        f"prompt: prompt\ncompletion: answer\nmetric: {metric}\nmax_new_tokens: {max_new_tokens}\n")
-    return folder / "task.yaml"
+    return write_spec(out / generator, task, {"validation": chosen},
+                      f"validation seed 3, disjoint from {track_tasks}/{generator}", max_new_tokens)
 
 
 def main() -> None:

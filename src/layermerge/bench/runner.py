@@ -264,7 +264,6 @@ def _has_seed_param(method: str) -> bool:
 
 def plan_runs(track: TrackConfig, studies: set[str]) -> list[Run]:
     """Every (row, seed) of the main table ("main" in ``studies``) and of the named ablations."""
-
     runs: list[Run] = []
     if "main" in studies:
         for method in track_methods(track):
