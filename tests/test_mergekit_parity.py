@@ -1,5 +1,8 @@
 """Agreement with mergekit 0.1.5: the same inputs give the same merged tensors.
 
+Task Arithmetic and TIES below; Model Stock, Karcher, NuSLERP, Multi-SLERP, SCE and DELLA's drop
+probabilities further down (``GEOMETRIC_CASES``).
+
 mergekit is an independent implementation of Task Arithmetic and TIES, so agreement to 1e-6 on
 every tensor checks our arithmetic, our parameter conventions and our handling of every key
 (embeddings, norms, output heads). The parameter correspondence exercised here is the one
@@ -51,8 +54,11 @@ FAMILIES = {
 }
 
 
-def _build(root: Path, family: str) -> tuple[Path, dict[str, Path]]:
-    """A tiny base and N_EXPERTS experts of one full task-model class, saved as safetensors (fp32)."""
+def _build(root: Path, family: str, shared: float = 0.0) -> tuple[Path, dict[str, Path]]:
+    """A tiny base and N_EXPERTS experts of one full task-model class, saved as safetensors (fp32).
+
+    ``shared``: the scale of one perturbation common to every expert, so task vectors correlate
+    (independent noise alone makes them nearly orthogonal, where Model Stock returns the base)."""
     import transformers
 
     auto_class, overrides = FAMILIES[family]
@@ -66,6 +72,8 @@ def _build(root: Path, family: str) -> tuple[Path, dict[str, Path]]:
         expert = model_class.from_config(make_config(family, **overrides))
         expert.load_state_dict(base.state_dict())
         perturb_(expert, seed=index)
+        if shared:
+            perturb_(expert, seed=1000, scale=shared)
         experts[f"task{index}"] = root / family / f"expert{index}"
         expert.save_pretrained(experts[f"task{index}"])
     return base_dir, experts
@@ -74,7 +82,9 @@ def _build(root: Path, family: str) -> tuple[Path, dict[str, Path]]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit-parity")
-    return {family: _build(root, family) for family in FAMILIES}
+    checkpoints = {family: _build(root, family) for family in FAMILIES}
+    checkpoints["llama-correlated"] = _build(root / "correlated", "llama", shared=0.02)
+    return checkpoints
 
 
 def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
@@ -85,14 +95,16 @@ def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _run_mergekit(out: Path, method: str, base: Path, experts: dict[str, Path], global_params: dict,
-                  model_params: dict) -> dict[str, torch.Tensor]:
+def _run_mergekit(out: Path, method: str, base: Path | None, experts: dict[str, Path], global_params: dict,
+                  model_params: dict | list[dict]) -> dict[str, torch.Tensor]:
+    """mergekit's merge; ``model_params`` is one dict for every model or one per model; no base when None."""
+    per_model = model_params if isinstance(model_params, list) else [model_params] * len(experts)
     config = MergeConfiguration.model_validate({
         "merge_method": method,
-        "base_model": str(base),
+        **({"base_model": str(base)} if base is not None else {}),
         "dtype": "float32",
         "parameters": global_params,
-        "models": [{"model": str(path), "parameters": model_params} for path in experts.values()],
+        "models": [{"model": str(path), "parameters": params} for path, params in zip(experts.values(), per_model)],
     })
     run_merge(config, str(out), options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
     return _load_folder(out)
@@ -103,7 +115,8 @@ def _run_ours(out: Path, method: str, base: Path, experts: dict[str, Path], para
     return _load_folder(out)
 
 
-def _assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: Path) -> None:
+def _assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: Path,
+                 tolerance: float = TOLERANCE) -> None:
     assert sorted(ours) == sorted(theirs), (
         f"different tensors: only ours {sorted(set(ours) - set(theirs))}, only mergekit's "
         f"{sorted(set(theirs) - set(ours))}")
@@ -114,7 +127,7 @@ def _assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
         diff = (tensor - theirs[key]).abs().max().item() if tensor.numel() else 0.0
         if diff >= worst:
             worst_key, worst = key, diff
-    assert worst <= TOLERANCE, f"largest difference {worst:.3g} in {worst_key!r}"
+    assert worst <= tolerance, f"largest difference {worst:.3g} in {worst_key!r}"
     # The comparison must not be vacuous: the merge moved every tensor away from the base.
     original = _load_folder(base)
     for key, tensor in ours.items():
@@ -159,6 +172,71 @@ def test_ties_density_one_is_plain_sign_consensus(checkpoints, tmp_path):
                            {"weight": 1.0, "density": 1.0})
     ours = _run_ours(tmp_path / "ours", "ties", base, experts, {"density": 1.0, "scaling": 1.0})
     _assert_same(ours, theirs, base)
+
+
+# --------------------------------------------------------------------------- mergekit's other methods
+# (id, family, our method+params, mergekit method, global params, per-model params, base used, tolerance)
+GEOMETRIC_CASES = [
+    ("model-stock", "llama-correlated", ("model_stock", {}), ("model_stock", {}, {}), True, TOLERANCE),
+    ("model-stock-filter-wise", "llama-correlated", ("model_stock", {"filter_wise": True}),
+     ("model_stock", {"filter_wise": True}, {}), True, TOLERANCE),
+    # Karcher's angles are float64 scalars here, float32 tensors in mergekit: 1.2e-7 apart at most.
+    ("karcher", "llama", ("karcher", {}), ("karcher", {}, {}), False, TOLERANCE),
+    ("karcher-bert", "bert", ("karcher", {"max_iter": 3}), ("karcher", {"max_iter": 3}, {}), False, TOLERANCE),
+    ("nuslerp", "llama", ("nuslerp", {}), ("nuslerp", {}, {"weight": 1.0}), True, TOLERANCE),
+    ("nuslerp-weighted-rows", "gpt2", ("nuslerp", {"weights": [1.0, 3.0], "flatten": False}),
+     ("nuslerp", {"nuslerp_flatten": False}, [{"weight": 1.0}, {"weight": 3.0}]), True, TOLERANCE),
+    ("nuslerp-row-wise", "llama", ("nuslerp", {"flatten": False, "row_wise": True}),
+     ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, {"weight": 1.0}), True, TOLERANCE),
+    ("nuslerp-no-base", "llama", ("nuslerp", {"weights": [2.0, 1.0]}),
+     ("nuslerp", {}, [{"weight": 2.0}, {"weight": 1.0}]), False, TOLERANCE),
+    ("multislerp", "llama", ("multislerp", {"weights": [1.0, 2.0, 3.0]}),
+     ("multislerp", {}, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 3.0}]), True, TOLERANCE),
+    ("multislerp-no-base", "bert", ("multislerp", {}), ("multislerp", {}, {"weight": 1.0}), False, TOLERANCE),
+    ("sce", "llama", ("sce", {}), ("sce", {}, {}), True, TOLERANCE),
+    ("sce-top-half", "gpt2", ("sce", {"select_topk": 0.5}), ("sce", {"select_topk": 0.5}, {}), True, TOLERANCE),
+]
+
+
+@pytest.mark.parametrize("family, ours_spec, theirs_spec, with_base, tolerance", [c[1:] for c in GEOMETRIC_CASES],
+                         ids=[c[0] for c in GEOMETRIC_CASES])
+def test_other_methods_match_mergekit(checkpoints, tmp_path, family, ours_spec, theirs_spec, with_base, tolerance):
+    base, experts = checkpoints[family]
+    method, params = ours_spec
+    mk_method, mk_global, mk_model = theirs_spec
+    if method == "nuslerp":
+        experts = dict(list(experts.items())[:2])
+    theirs = _run_mergekit(tmp_path / "mergekit", mk_method, base if with_base else None, experts, mk_global,
+                           mk_model)
+    if with_base:
+        ours = _run_ours(tmp_path / "ours", method, base, experts, params)
+    else:   # without a base the keys are the first expert's, as in mergekit
+        ours = _run_ours(tmp_path / "ours", method, None, experts, params)
+    _assert_same(ours, theirs, base, tolerance)
+
+
+def test_della_drop_probabilities_match_mergekit_magprune(monkeypatch):
+    """mergekit's MAGPRUNE with its random draw replaced by the probabilities themselves returns
+    τ · P(keep) entry by entry: the same keep probabilities as ours, row by row."""
+    import mergekit.sparsify
+
+    from layermerge.methods.della import magprune_drop_probability
+
+    class ExpectedMask:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def bernoulli(probabilities, *args, **kwargs):
+            return probabilities
+
+    monkeypatch.setattr(mergekit.sparsify, "torch", ExpectedMask())
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(7, 33), (50,), (1, 9)]:   # (3-D and up: mergekit ranks along axis 1, we along the flattened row)
+        tau = torch.randn(shape, generator=generator)
+        theirs = mergekit.sparsify.della_magprune(tau, density=0.6, epsilon=0.15)
+        ours = tau * (1 - magprune_drop_probability(tau, 0.4, 0.15))
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- bf16 inputs

@@ -309,6 +309,86 @@ def test_merged_stream_variant(family_models):
     assert torch.equal(merged[norm], paper[norm])
 
 
+def independent_regmean_plusplus(experts: dict, data: dict, alpha: float) -> dict[str, np.ndarray]:
+    """A second implementation of RegMean++ on BERT: the merged backbone starts as the experts' average
+    and is solved layer by layer; task i's Grams of layer l come from a copy of the merged backbone
+    whose layer l is expert i's (so layers < l are the merged ones), run on task i's batches (float64)."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    models = {task: AutoModelForSequenceClassification.from_pretrained(folder).bert.eval().double()
+              for task, folder in experts.items()}
+    states = [model.state_dict() for model in models.values()]
+    merged = copy.deepcopy(next(iter(models.values())))
+    merged.load_state_dict({key: torch.stack([s[key] for s in states]).mean(0) for key in states[0]})
+    solved = {}
+    for index, layer in enumerate(merged.encoder.layer):
+        names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+        lhs, rhs = {}, {}
+        for task, model in models.items():
+            hybrid = copy.deepcopy(merged)
+            hybrid.encoder.layer[index].load_state_dict(model.encoder.layer[index].state_dict())
+            grams, current = {}, {}
+            handles = []
+            for name in names:
+                def record(module, args, name=name, grams=grams, current=current):
+                    x = args[0][current["mask"]]
+                    grams[name] = grams.get(name, 0) + (x.T @ x).numpy()
+                handles.append(hybrid.encoder.layer[index].get_submodule(name).register_forward_pre_hook(record))
+            examples = 0
+            with torch.no_grad():
+                for batch in data[task]:
+                    current["mask"] = batch["attention_mask"].bool()
+                    hybrid(**batch)
+                    examples += batch["input_ids"].shape[0]
+            for handle in handles:
+                handle.remove()
+            for name in names:
+                gram = grams[name] / examples
+                gram = alpha * gram + (1 - alpha) * np.diag(np.diag(gram))
+                weight = model.encoder.layer[index].get_submodule(name).weight.detach().numpy().T
+                lhs[name] = lhs.get(name, 0) + gram
+                rhs[name] = rhs.get(name, 0) + gram @ weight
+        with torch.no_grad():
+            for name in names:
+                value = np.linalg.solve(lhs[name], rhs[name]).T
+                layer.get_submodule(name).weight.copy_(torch.from_numpy(value))
+                solved[f"encoder.layer.{index}.{name}.weight"] = value
+    return solved
+
+
+def test_regmean_plusplus_matches_a_layer_by_layer_second_implementation(family_models):
+    """RegMean++ fits each layer on the merged model's running inputs: checked against an independent
+    progressive solve; it differs from plain RegMean (whose layers see each expert's own stream) and
+    equals RegMean with inputs="merged" at the same α."""
+    base, experts = family_models["bert"]
+    data = text_batches(experts)
+    merged = layermerge.merge(base, experts, method="regmean_plusplus", data=data, quiet=True,
+                              device="cpu").state_dict
+    expected = independent_regmean_plusplus(experts, data, 0.95)
+    assert len(expected) == 2 * 6
+    for key, value in expected.items():
+        np.testing.assert_allclose(merged[key].double().numpy(), value, rtol=1e-4, atol=1e-5, err_msg=key)
+    plain = layermerge.merge(base, experts, method="regmean", data=data, quiet=True, device="cpu",
+                             alpha=0.95).state_dict
+    deep = "encoder.layer.1.output.dense.weight"
+    assert not torch.allclose(merged[deep], plain[deep], atol=1e-4)
+    same_as_flag = layermerge.merge(base, experts, method="regmean", data=data, quiet=True, device="cpu",
+                                    alpha=0.95, inputs="merged").state_dict
+    assert all(torch.equal(merged[key], same_as_flag[key]) for key in merged)
+
+
+def test_regmean_plusplus_with_one_expert_returns_it(family_models):
+    base, experts = family_models["bert"]
+    one = dict(list(experts.items())[:1])
+    merged = layermerge.merge(base, one, method="regmean_plusplus", data=text_batches(one), quiet=True,
+                              device="cpu").state_dict
+    expert = CheckpointReader(next(iter(one.values())))
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expert.get("bert." + key).float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
 # --------------------------------------------------------------------- 1×1 convolutions (EfficientNet)
 def test_linear_layers_finds_pointwise_convolutions_only():
     block = nn.Module()
