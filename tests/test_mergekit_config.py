@@ -114,7 +114,49 @@ models: [{model: expert0}, {model: expert1}]
 parameters: {t: 0.3}
 dtype: float32
 """,
+    "nuslerp": """
+merge_method: nuslerp
+base_model: base
+models:
+  - {model: expert0, parameters: {weight: 1}}
+  - {model: expert1, parameters: {weight: 3}}
+parameters: {nuslerp_flatten: false}
+""",
+    "nuslerp-no-base": """
+merge_method: nuslerp
+models: [{model: expert0}, {model: expert2}]
+parameters: {weight: 1}
+""",
+    "multislerp": """
+merge_method: multislerp
+base_model: base
+models:
+  - {model: expert0, parameters: {weight: 1}}
+  - {model: expert1, parameters: {weight: 2}}
+  - {model: expert2, parameters: {weight: 3}}
+""",
+    "karcher": """
+merge_method: karcher
+base_model: base                    # mergekit averages the base in as one more model
+models: [{model: expert0}, {model: expert1}]
+parameters: {max_iter: 5}
+""",
+    "model_stock": """
+merge_method: model_stock
+base_model: base
+models: [{model: expert0}, {model: expert1}, {model: expert2}]
+parameters: {filter_wise: true}
+""",
+    "sce": """
+merge_method: sce
+base_model: base
+models: [{model: expert0}, {model: expert1}, {model: expert2}]
+parameters: {select_topk: 0.5, int8_mask: true}
+""",
 }
+# DELLA draws random masks (mergekit from torch's global generator, we from per-tensor ones): its configs
+# are checked for their conversion only (test_della_configs_convert), never for equal tensors.
+RANDOM_MASK_METHODS = {"della", "della_linear"}
 
 
 def _run_mergekit(yml: Path, out: Path, monkeypatch) -> dict:
@@ -142,7 +184,20 @@ def test_same_tensors_as_mergekit(case, llama, tmp_path, monkeypatch, capsys):
 
 def test_every_converted_method_is_compared():
     compared = {yaml.safe_load(text)["merge_method"] for text in CASES.values()}
-    assert compared == set(CONVERTED_METHODS)
+    assert compared | RANDOM_MASK_METHODS == set(CONVERTED_METHODS)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("merge_method: della\nbase_model: b\nmodels: [{model: x}, {model: y}]\n"
+     "parameters: {weight: 1, density: 0.7, epsilon: 0.1, lambda: 1.1}\n",
+     {"method": "della", "params": {"drop_rate": 0.3, "epsilon": 0.1, "rescale": "l1", "scaling": 1.1}}),
+    ("merge_method: della_linear\nbase_model: b\nmodels: [{model: x}, {model: y}]\n"
+     "parameters: {weight: 0.5, density: 0.4, rescale: false}\n",
+     {"method": "della_linear", "params": {"drop_rate": 0.6, "epsilon": 0.15, "rescale": "none", "scaling": 0.5}}),
+])
+def test_della_configs_convert(text, expected):
+    converted, ignored = convert(yaml.safe_load(text))
+    assert {key: converted[key] for key in expected} == expected and not ignored
 
 
 # --------------------------------------------------------------------------- the warning line
@@ -191,7 +246,17 @@ REFUSALS = {
                  "  - {model: a, parameters: {weight: [0, 0.5, 1]}}\n", "per-layer gradient"),
     "filter": ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
                "parameters:\n  t: [{filter: self_attn, value: 0.3}, {value: 0.5}]\n", "filter ('self_attn')"),
-    "method": ("merge_method: della\nbase_model: b\nmodels: [{model: a}]\n", "'della' has no layermerge counterpart"),
+    "method": ("merge_method: nearswap\nbase_model: b\nmodels: [{model: a}]\n",
+               "'nearswap' has no layermerge counterpart"),
+    "della-density-one": ("merge_method: della\nbase_model: b\nmodels: [{model: a}]\nparameters: {weight: 1}\n",
+                          "density 1 drops nothing"),
+    "della-window": ("merge_method: della\nbase_model: b\nmodels: [{model: a}]\n"
+                     "parameters: {weight: 1, density: 0.9, epsilon: 0.15}\n", "leaves (0, 1)"),
+    "nuslerp-three": ("merge_method: nuslerp\nmodels: [{model: a}, {model: b}, {model: c}]\nparameters: {weight: 1}\n",
+                      "exactly two models"),
+    "model-stock-no-base": ("merge_method: model_stock\nmodels: [{model: a}, {model: b}]\n", "needs base_model"),
+    "karcher-max-iter": ("merge_method: karcher\nmodels: [{model: a}, {model: b}]\nparameters: {max_iter: 2.5}\n",
+                         "expected a whole number"),
     "tokenizer-source-elsewhere": ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]\n"
                                    "parameters: {weight: 1}\ntokenizer_source: c\n", "tokenizer_source 'c'"),
     "tokenizer-tokens": ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]\nparameters: {weight: 1}\n"

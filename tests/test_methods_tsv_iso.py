@@ -289,3 +289,18 @@ def test_merge_tiny_bert_end_to_end(bert, method):
         expected = direct.merge_tensor(key, base_weights[key].float(), [e[key].float() for e in expert_weights])
         torch.testing.assert_close(merged[key].float(), expected, atol=1e-6, rtol=0)
         assert not torch.equal(merged[key], base_weights[key])
+
+
+@pytest.mark.parametrize("method,params", [("tsv_m", {}), ("iso_c", {}), ("iso_cts", {})])
+def test_pointwise_convolutions_merge_as_their_matrix(method, params):
+    """A 1×1 convolution's (out, in, 1, 1) weight is the (out, in) map at every pixel: merged as that
+    matrix and reshaped back; a 3×3 kernel still takes the scaled mean."""
+    base, taus = random_case(11, (6, 4), 2)
+    as_matrix = merge(method, base, taus, **params)
+    as_conv = merge(method, base.reshape(6, 4, 1, 1), [t.reshape(6, 4, 1, 1) for t in taus], **params)
+    np.testing.assert_allclose(as_conv, as_matrix.reshape(6, 4, 1, 1), atol=1e-6, rtol=0)
+    spatial = merge(method, base.reshape(6, 1, 2, 2), [t.reshape(6, 1, 2, 2) for t in taus], **params)
+    alpha = make(method, 2, **params).params.scaling
+    expected = base.astype(np.float32) + alpha * np.mean(task_vectors_of(base, taus), axis=0)
+    np.testing.assert_allclose(spatial, expected.reshape(6, 1, 2, 2), atol=ATOL, rtol=0)
+    assert not np.allclose(as_matrix, expected, atol=1e-3)          # the matrix path is not the mean

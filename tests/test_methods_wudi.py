@@ -248,3 +248,19 @@ def test_merges_tiny_llama_models(tmp_path):
     with torch.no_grad():
         logits = loaded(input_ids=torch.tensor([[1, 5, 9, 2]])).logits
     assert logits.shape == (1, 4, 99) and torch.isfinite(logits).all()
+
+
+def test_pointwise_convolutions_are_optimised_as_their_matrix():
+    """A 1×1 convolution's (out, in, 1, 1) weight is the (out, in) map at every pixel: optimised as
+    that matrix and reshaped back, bit for bit; a 3×3 kernel follows ``others``."""
+    rng = np.random.default_rng(12)
+    base = torch.as_tensor(rng.normal(size=(6, 4)).astype(np.float32))
+    experts = experts_from(base, rng.normal(scale=0.1, size=(2, 6, 4)))
+    matrix = make(["a", "b"], lr=1e-2, steps=20).merge_tensor("block.project_conv.weight", base, experts)
+    conv = make(["a", "b"], lr=1e-2, steps=20).merge_tensor(
+        "block.project_conv.weight", base.reshape(6, 4, 1, 1), [e.reshape(6, 4, 1, 1) for e in experts])
+    assert torch.equal(conv, matrix.reshape(6, 4, 1, 1))
+    assert not torch.allclose(matrix, base + (experts[0] - base) + (experts[1] - base), atol=1e-4)
+    spatial = make(["a", "b"]).merge_tensor("block.depthwise_conv.weight", base.reshape(6, 1, 2, 2),
+                                            [e.reshape(6, 1, 2, 2) for e in experts])
+    assert torch.equal(spatial, base.reshape(6, 1, 2, 2))           # others="base"

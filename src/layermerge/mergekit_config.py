@@ -30,8 +30,11 @@ _TASK_ARITHMETIC_FAMILY = {
     "dare_ties": ("dare_ties", True, "random", False, True),
     "breadcrumbs": ("breadcrumbs", False, "outliers", False, False),
     "breadcrumbs_ties": ("breadcrumbs_ties", True, "outliers", False, False),
+    "della": ("della", True, "magprune", True, True),
+    "della_linear": ("della_linear", False, "magprune", False, True),
 }
-CONVERTED_METHODS = ("linear", *_TASK_ARITHMETIC_FAMILY, "slerp")
+_SPHERICAL_AND_OTHERS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce")
+CONVERTED_METHODS = ("linear", *_TASK_ARITHMETIC_FAMILY, *_SPHERICAL_AND_OTHERS)
 
 _MARKERS = {"merge_method", "models", "slices", "modules"}
 _CONVERTED_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -120,7 +123,7 @@ class _Converter:
         elif method == "linear":
             out = self.linear(inputs, base, global_params)
         else:
-            out = self.slerp(inputs, base, global_params)
+            out = getattr(self, method)(inputs, base, global_params)
         out.update(self.dtype())
         out.update(self.tokenizer(method, out, inputs, base))
         for key in _PASSED_THROUGH:
@@ -211,7 +214,8 @@ class _Converter:
         try:
             return TypeAdapter(kind).validate_python(value)
         except ValidationError:
-            self.fail(f"{where}: expected {'a number' if kind is float else 'true or false'}, got {value!r}")
+            expected = {float: "a number", int: "a whole number"}.get(kind, "true or false")
+            self.fail(f"{where}: expected {expected}, got {value!r}")
 
     def bind(self, method: str, spec: dict, inputs: list[_Input], global_params: dict) -> dict:
         """mergekit's parameter resolution: shared parameters from the top-level ``parameters`` only,
@@ -273,6 +277,8 @@ class _Converter:
                 "weight": ("non_base", float, _REQUIRED), "density": ("non_base", float, 1.0)}
         if sparsification == "outliers":
             spec["gamma"] = ("non_base", float, 0.01)
+        if sparsification == "magprune":
+            spec["epsilon"] = ("non_base", float, 0.15)
         if base is None:
             self.fail(f"merge_method {method!r} needs base_model (the model the task vectors are taken from)")
         experts = [item for item in inputs if not item.is_base]
@@ -314,6 +320,15 @@ class _Converter:
                 self.fail(f"rescale: false (the kept entries not scaled up): layermerge's {target} always rescales "
                           "them by 1/density; remove it")
             params["drop_rate"] = 1.0 - min(density, 1.0)
+        elif sparsification == "magprune":
+            epsilon = self.same([e.values["epsilon"] for e in experts], "epsilon", target, "use one epsilon")
+            if density >= 1:
+                self.fail(f"density {density:g} drops nothing (mergekit then skips MAGPRUNE): use "
+                          f"{'ties with density 1' if consensus else 'task_arithmetic'} instead")
+            if not (density - epsilon > 0 and density + epsilon < 1):
+                self.fail(f"density {density:g} ± epsilon {epsilon:g} leaves (0, 1): choose epsilon below "
+                          f"{min(density, 1 - density):g} (mergekit refuses it too)")
+            params.update(drop_rate=round(1.0 - density, 12), epsilon=epsilon, rescale="l1" if rescale else "none")
         else:
             gamma = self.same([e.values["gamma"] for e in experts], "gamma", target, "use one gamma")
             if rescale and density < 1:
@@ -352,6 +367,64 @@ class _Converter:
             self.no_lora(item, "slerp")
         ordered = [base] + [item for item in inputs if item is not base]
         return {"method": "slerp", "experts": self.named(ordered), "params": {"t": shared["t"]}}
+
+    def nuslerp(self, inputs: list[_Input], base: _Input | None, global_params: dict):
+        shared = self.bind("nuslerp", {"weight": ("non_base", float, _REQUIRED),
+                                       "nuslerp_flatten": ("shared", bool, True),
+                                       "nuslerp_row_wise": ("shared", bool, False)}, inputs, global_params)
+        experts = [item for item in inputs if not item.is_base]
+        if len(experts) != 2:
+            self.fail(f"nuslerp interpolates exactly two models besides base_model, got {len(experts)}")
+        params = {"weights": [e.values["weight"] for e in experts], "flatten": shared["nuslerp_flatten"],
+                  "row_wise": shared["nuslerp_row_wise"]}
+        return self.with_optional_base("nuslerp", params, base, experts)
+
+    def multislerp(self, inputs: list[_Input], base: _Input | None, global_params: dict):
+        shared = self.bind("multislerp", {"weight": ("non_base", float, _REQUIRED),
+                                          "normalize_weights": ("shared", bool, True),
+                                          "eps": ("shared", float, 1e-8)}, inputs, global_params)
+        experts = [item for item in inputs if not item.is_base]
+        if not experts:
+            self.fail("no models besides base_model to merge")
+        params = {"weights": [e.values["weight"] for e in experts],
+                  "normalize_weights": shared["normalize_weights"], "eps": shared["eps"]}
+        return self.with_optional_base("multislerp", params, base, experts)
+
+    def karcher(self, inputs: list[_Input], base: _Input | None, global_params: dict):
+        """mergekit averages every input, base_model included, so all of them are our experts (no base)."""
+        shared = self.bind("karcher", {"max_iter": ("shared", int, 10), "tol": ("shared", float, 1e-5)},
+                           inputs, global_params)
+        for item in inputs:
+            self.no_lora(item, "karcher")
+        return {"method": "karcher", "experts": self.named(inputs),
+                "params": {"max_iter": shared["max_iter"], "tol": shared["tol"]}}
+
+    def model_stock(self, inputs: list[_Input], base: _Input | None, global_params: dict):
+        shared = self.bind("model_stock", {"filter_wise": ("shared", bool, False)}, inputs, global_params)
+        experts = self.experts_of(inputs, base, "model_stock", at_least=2)
+        return self.layermerge("model_stock", {"filter_wise": shared["filter_wise"]}, base, experts)
+
+    def sce(self, inputs: list[_Input], base: _Input | None, global_params: dict):
+        shared = self.bind("sce", {"int8_mask": ("shared", bool, False), "select_topk": ("shared", float, 1.0)},
+                           inputs, global_params)
+        experts = self.experts_of(inputs, base, "sce", at_least=1)
+        return self.layermerge("sce", {"select_topk": min(max(shared["select_topk"], 0.0), 1.0)}, base, experts)
+
+    def experts_of(self, inputs: list[_Input], base: _Input | None, method: str, at_least: int) -> list[_Input]:
+        if base is None:
+            self.fail(f"merge_method {method!r} needs base_model (the model the task vectors are taken from)")
+        experts = [item for item in inputs if not item.is_base]
+        if len(experts) < at_least:
+            self.fail(f"{method} needs at least {at_least} model(s) besides base_model, got {len(experts)}")
+        return experts
+
+    def with_optional_base(self, method: str, params: dict, base: _Input | None, experts: list[_Input]) -> dict:
+        """With base_model: task vectors from it (our base); without: the models' weights themselves."""
+        if base is not None:
+            return self.layermerge(method, params, base, experts)
+        for item in experts:
+            self.no_lora(item, method)
+        return {"method": method, "experts": self.named(experts), "params": params}
 
     # ------------------------------------------------------------------ output mapping
     def no_lora(self, item: _Input, method: str) -> None:

@@ -26,7 +26,7 @@ from layermerge.methods.base import DataFreeMethod
 from layermerge.methods.registry import MethodParams, register
 from layermerge.methods.spectral import (
     add_scaled,
-    is_matrix,
+    matrix_view,
     mean_task_vector,
     numerical_rank,
     polar_factor,
@@ -100,11 +100,13 @@ class IsotropicMerge(DataFreeMethod):
         raise NotImplementedError
 
     def merge_tensor(self, key, base, experts):
-        if not is_matrix(base):
+        matrix = matrix_view(base)
+        if matrix is None:
             self.counts["mean"] += 1
             return add_scaled(base, mean_task_vector(base, experts), self.params.scaling)
         self.counts["spectral"] += 1
-        return add_scaled(base, self.merged_matrix(base, experts), self.params.scaling)
+        merged = self.merged_matrix(matrix, [matrix_view(expert) for expert in experts])
+        return add_scaled(base, merged.reshape(base.shape), self.params.scaling)
 
     def summary(self):
         return {"tensors": dict(self.counts)}

@@ -20,10 +20,24 @@ import torch
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
+def matrix_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor as the matrix of its linear map, or None: a non-empty 2-D tensor as it is, and a 1×1
+    convolution's (out, in, 1, 1) weight as (out, in) — the same map applied at every pixel, as
+    RegMean treats it — so CNNs such as EfficientNet are merged spectrally too (the papers' ViTs have
+    no such layers). Everything else (biases, norms, spatial kernels, scalars) is not a matrix."""
+    if tensor.numel() == 0:
+        return None
+    if tensor.dim() == 2:
+        return tensor
+    if tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
+        return tensor.reshape(tensor.shape[0], tensor.shape[1])
+    return None
+
+
 def is_matrix(tensor: torch.Tensor) -> bool:
-    """The tensors merged spectrally: 2-D and non-empty. Everything else (biases, norms, conv
-    kernels, scalars) takes the mean task vector, as in both papers' code."""
-    return tensor.dim() == 2 and tensor.numel() > 0
+    """The tensors merged spectrally (see ``matrix_view``). Everything else takes the mean task
+    vector, as in both papers' code."""
+    return matrix_view(tensor) is not None
 
 
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

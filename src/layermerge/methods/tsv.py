@@ -12,7 +12,8 @@ Keeping 1/T of each task makes the gathered U square-or-smaller (T·k ≤ r), so
 only removes the overlap between tasks' subspaces: if the tasks' row and column spaces are already
 mutually orthogonal, step 3 changes nothing and TSV-M equals Task Arithmetic with λ = α.
 
-Every other tensor (1-D, conv kernels, scalars) gets the mean task vector, θ0 + α·mean_i τ_i, as in
+A 1×1 convolution counts as the (out, in) matrix of its map (``spectral.matrix_view``). Every other
+tensor (1-D, spatial conv kernels, scalars) gets the mean task vector, θ0 + α·mean_i τ_i, as in
 the released code. A matrix too small to give every task one component (r < T) also takes the mean;
 the released code keeps zero components there and leaves the weight at θ0.
 """
@@ -26,7 +27,7 @@ from layermerge.methods.base import DataFreeMethod
 from layermerge.methods.registry import MethodParams, register
 from layermerge.methods.spectral import (
     add_scaled,
-    is_matrix,
+    matrix_view,
     mean_task_vector,
     numerical_rank,
     polar_factor,
@@ -73,12 +74,14 @@ class TaskSingularVectorsMerge(DataFreeMethod):
         self.counts = {"spectral": 0, "mean": 0, "mean_rank_below_tasks": 0}
 
     def merge_tensor(self, key, base, experts):
-        keep = min(base.shape) // len(experts) if is_matrix(base) else 0
+        matrix = matrix_view(base)
+        keep = min(matrix.shape) // len(experts) if matrix is not None else 0
         if keep == 0:
-            self.counts["mean_rank_below_tasks" if is_matrix(base) else "mean"] += 1
+            self.counts["mean_rank_below_tasks" if matrix is not None else "mean"] += 1
             return add_scaled(base, mean_task_vector(base, experts), self.params.scaling)
         self.counts["spectral"] += 1
-        return add_scaled(base, tsv_merge(base, experts, keep), self.params.scaling)
+        merged = tsv_merge(matrix, [matrix_view(expert) for expert in experts], keep)
+        return add_scaled(base, merged.reshape(base.shape), self.params.scaling)
 
     def summary(self):
         return {"tensors": dict(self.counts)}

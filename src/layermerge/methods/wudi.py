@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 
 from layermerge.methods.base import DataFreeMethod, task_vectors
 from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.spectral import matrix_view
 
 # Adam's constants as torch.optim.Adam's defaults, which the released code uses.
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -158,7 +159,7 @@ class Wudi(DataFreeMethod):
                               "embeddings and LM heads (names containing 'embed', or a 'wte', 'wpe', 'shared' "
                               "or 'lm_head' component); []: every 2-D tensor is optimised")
         others: Literal["base", "average", "sum"] = Field(
-            "base", description="tensors not optimised (not 2-D, or excluded): keep θ0 (the paper's code), "
+            "base", description="tensors not optimised (not matrices, or excluded): keep θ0 (the paper's code), "
                                 "θ0 + mean τ_i (FusionBench) or θ0 + Σ τ_i (the optimisation's start)")
         transposed: list[str] | None = Field(
             None, description="regexes of 2-D weights stored (in, out), optimised as their transpose: GPT-2's "
@@ -180,7 +181,8 @@ class Wudi(DataFreeMethod):
         self.other = 0
 
     def is_optimised(self, key: str, base: torch.Tensor) -> bool:
-        return base.dim() == 2 and base.numel() > 0 and not (self.exclude and self.exclude.search(key))
+        """A matrix (2-D, or a 1×1 convolution as its (out, in) map: ``spectral.matrix_view``) not excluded."""
+        return matrix_view(base) is not None and not (self.exclude and self.exclude.search(key))
 
     def merge_tensor(self, key, base, experts):
         if not self.is_optimised(key, base):
@@ -192,6 +194,7 @@ class Wudi(DataFreeMethod):
                 merged /= len(experts)
             return merged.add_(base)
         tau = task_vectors(base, experts)
+        tau = tau.reshape(len(experts), *matrix_view(base).shape)
         flip = bool(self.transposed and self.transposed.search(key))
         if flip:
             tau = tau.transpose(1, 2).contiguous()
@@ -202,7 +205,7 @@ class Wudi(DataFreeMethod):
             self.ratios.append(losses[-1] / losses[0])
         if flip:
             merged = merged.T.contiguous()
-        return merged.add_(base)
+        return merged.reshape(base.shape).add_(base)
 
     def summary(self):
         facts = {"optimised_tensors": self.optimised, "other_tensors": self.other, "others": self.params.others,
