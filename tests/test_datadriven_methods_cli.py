@@ -23,11 +23,15 @@ METHOD_PARAMS = {
     "prodistill": {"epochs": 1},
     "distillmerge": {"epochs": 1},
     "regmean": {},
+    "regmean_plusplus": {},
     "fisher": {},
+    "df_merge": {"init_points": 2, "iterations": 1},
+    "fda": {"anchors": 4, "anchor_steps": 2, "merge_epochs": 1},
     "adamerging": {"steps": 2},
     "localize_stitch": {"steps": 2},
     "neulig": {"epochs": 2, "loss": "cross_entropy"},
     "np_merge": {"epochs": 1},
+    "pleas": {},
 }
 
 

@@ -88,6 +88,9 @@ BUDGET_NOTES = {
     "adamerging": "100 Adam steps instead of the paper's 500 (CPU budget)",
     "neulig": "cross-entropy boosting loss with the few-shot labels (the entropy loss needs no labels but "
               "gave lower scores in docs/NEULIG.md)",
+    "df_merge": "25 merged models scored (5 random, 20 by expected improvement) instead of the paper's 60, and the "
+                "Fishers taken once at the experts (fisher_at=expert) instead of at every scaled expert (CPU "
+                "budget: the paper's setting rebuilds every Fisher for each of its 60 candidates)",
     "np_merge": "no neuron alignment (align=none): the experts share one base, so their neurons already "
                 "correspond; BatchNorm on the experts' mean running statistics while α is trained and after "
                 "(batchnorm=running, reset_bn=false): per-task batches make batch statistics a task signal",
@@ -96,6 +99,7 @@ BUDGET_PARAMS = {
     "prodistill": {"epochs": 20},
     "distillmerge": {"epochs": 20},
     "adamerging": {"steps": 100},
+    "df_merge": {"fisher_at": "expert", "init_points": 5, "iterations": 20},
     "neulig": {"loss": "cross_entropy"},
     "np_merge": {"align": "none", "batchnorm": "running", "reset_bn": False},
 }
@@ -103,11 +107,14 @@ BUDGET_PARAMS = {
 # NP Merge's successive pairwise merges train seven times over eight GLUE experts (about 22 CPU-minutes
 # each here); one softmax over all experts per element trains once (its Adam state is eight models' size,
 # so an epoch costs about 3 CPU-minutes).
-GLUE8_PARAMS = {**BUDGET_PARAMS, "np_merge": {**BUDGET_PARAMS["np_merge"], "mode": "softmax", "epochs": 10}}
+GLUE8_PARAMS = {**BUDGET_PARAMS, "np_merge": {**BUDGET_PARAMS["np_merge"], "mode": "softmax", "epochs": 10},
+                "df_merge": {**BUDGET_PARAMS["df_merge"], "objective": "loss"}}
 GLUE8_NOTES = {**BUDGET_NOTES, "np_merge": BUDGET_NOTES["np_merge"] + "; one softmax over the eight experts "
                "per element (mode=softmax) instead of seven successive pairwise merges, 10 epochs instead of "
                "30 (CPU budget: a pairwise merge takes about 22 minutes here, a softmax epoch over eight "
-               "experts about 3)"}
+               "experts about 3)",
+               "df_merge": BUDGET_NOTES["df_merge"] + "; the objective is the few-shot loss, not accuracy (STS-B has "
+               "a one-output regression head, where accuracy is undefined)"}
 
 PRODISTILL_ABLATIONS = {
     "shots": [AblationRow(label=f"shots={k}", shots=k, seeds=[0, 1, 2]) for k in (1, 4, 16, 64)],

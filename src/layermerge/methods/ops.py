@@ -9,8 +9,11 @@ order in which tensors or experts are visited.
 from __future__ import annotations
 
 import hashlib
+import re
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 from layermerge.methods.radix_select import largest_mask, smallest_mask
 
@@ -77,3 +80,24 @@ def disjoint_mean(trimmed: torch.Tensor) -> torch.Tensor:
     total = (trimmed * agree).sum(0)
     count = agree.sum(0).to(trimmed.dtype)
     return total / torch.where(count == 0, 1.0, count)
+
+
+def compile_any(patterns) -> re.Pattern | None:
+    """One regex matching wherever any of ``patterns`` matches; None for no patterns."""
+    patterns = list(patterns)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def checked_regexes(patterns: list[str] | None) -> list[str] | None:
+    """A parameter validator: every pattern must compile (the error names the one that does not)."""
+    compile_any(patterns or [])
+    return patterns
+
+
+# A method parameter holding regular expressions (tensor-name filters), validated when the parameters are.
+RegexList = Annotated[list[str] | None, AfterValidator(checked_regexes)]

@@ -43,7 +43,8 @@ class MethodInfo:
         rows = []
         for name, field in self.params_model.model_fields.items():
             annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-            constraints = " ".join(str(m) for m in field.metadata)
+            # bounds (annotated_types Ge, Lt...) are shown; validator functions (regex checks) are not
+            constraints = " ".join(str(m) for m in field.metadata if type(m).__module__ == "annotated_types")
             rows.append({
                 "name": name, "type": annotation.replace("typing.", ""), "default": field.default,
                 "description": field.description or "", "constraints": constraints,

@@ -29,15 +29,15 @@ machine with the same thread count gives the same bits.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from layermerge.methods.base import DataFreeMethod, task_vectors
+from layermerge.methods.ops import RegexList, compile_any
 from layermerge.methods.registry import MethodParams, register
 from layermerge.methods.spectral import matrix_view
 
@@ -135,17 +135,6 @@ def wudi_task_vector(taus: torch.Tensor, lr: float, steps: int) -> tuple[torch.T
     return start.add_(delta), losses
 
 
-def compile_any(patterns) -> re.Pattern | None:
-    """One regex matching wherever any of ``patterns`` matches; None for no patterns."""
-    patterns = list(patterns)
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
-    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-
-
 @register("wudi", summary="WUDI-Merging: per linear weight, Adam from Σ τ_i on Σ_i ‖(τ_m − τ_i)τ_iᵀ‖²/‖τ_i‖² "
                           "(Cheng et al. 2025)")
 class Wudi(DataFreeMethod):
@@ -154,22 +143,16 @@ class Wudi(DataFreeMethod):
                                                     "2e-5 for RoBERTa)")
         steps: int = Field(300, ge=0, description="Adam iterations per weight matrix (released code: 300; "
                                                   "FusionBench's config: 400); 0 = Task Arithmetic at λ = 1")
-        exclude: list[str] | None = Field(
+        exclude: RegexList = Field(
             None, description="regexes (re.search on the tensor name) of 2-D tensors not optimised; None: "
                               "embeddings and LM heads (names containing 'embed', or a 'wte', 'wpe', 'shared' "
                               "or 'lm_head' component); []: every 2-D tensor is optimised")
         others: Literal["base", "average", "sum"] = Field(
             "base", description="tensors not optimised (not matrices, or excluded): keep θ0 (the paper's code), "
                                 "θ0 + mean τ_i (FusionBench) or θ0 + Σ τ_i (the optimisation's start)")
-        transposed: list[str] | None = Field(
+        transposed: RegexList = Field(
             None, description="regexes of 2-D weights stored (in, out), optimised as their transpose: GPT-2's "
                               "Conv1D needs ['c_attn', 'c_proj', 'c_fc']")
-
-        @field_validator("exclude", "transposed")
-        @classmethod
-        def regexes_compile(cls, value: list[str] | None) -> list[str] | None:
-            compile_any(value or [])
-            return value
 
     def __init__(self, params, task_names):
         super().__init__(params, task_names)
