@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     from layermerge.bench.tracks import load_track
     from layermerge.eval.evaluate import evaluate_task
     from layermerge.finetune import cache_root
+    from layermerge.methods.registry import get_method
 
     track = load_track(args.track)
     ctx = BenchContext(track, workdir=Path(tempfile.gettempdir()), cache_dir=cache_root(args.cache_dir), quiet=True)
@@ -178,10 +179,12 @@ def main(argv=None) -> int:
         for seed in seeds:
             for run in runs:
                 base_params = dict(track.method_params.get(args.method, {}))
+                data_driven = get_method(args.method).needs_data    # a data-free method takes no data section
                 config = merge_config(ctx, Run(row=run["label"], method=args.method,
-                                               params={**base_params, **run["params"]}, shots=track.shots,
-                                               seed=seed))
-                config["engine"] = {"device": "cpu", "seed": seed, **run["engine"]}
+                                               params={**base_params, **run["params"]},
+                                               shots=track.shots if data_driven else None, seed=seed))
+                if data_driven:
+                    config["engine"] = {"device": "cpu", "seed": seed, **run["engine"]}
                 name = f"{run['label']}-seed{seed}"
                 print(f"[{datetime.now().strftime('%H:%M:%S')}] {name}: merging", flush=True)
                 cost = measured_merge(config, scratch, name, trees.get(run["commit"]), args.threads)

@@ -91,6 +91,8 @@ BUDGET_NOTES = {
     "df_merge": "25 merged models scored (5 random, 20 by expected improvement) instead of the paper's 60, and the "
                 "Fishers taken once at the experts (fisher_at=expert) instead of at every scaled expert (CPU "
                 "budget: the paper's setting rebuilds every Fisher for each of its 60 candidates)",
+    "fda": "40 AdamW steps per expert's anchors instead of 1,200 (CPU budget: the paper's 1,200 take about 6 hours "
+           "per merge of eight MiniLM experts here; one seed)",
     "np_merge": "no neuron alignment (align=none): the experts share one base, so their neurons already "
                 "correspond; BatchNorm on the experts' mean running statistics while α is trained and after "
                 "(batchnorm=running, reset_bn=false): per-task batches make batch statistics a task signal",
@@ -100,6 +102,7 @@ BUDGET_PARAMS = {
     "distillmerge": {"epochs": 20},
     "adamerging": {"steps": 100},
     "df_merge": {"fisher_at": "expert", "init_points": 5, "iterations": 20},
+    "fda": {"anchor_steps": 40},
     "neulig": {"loss": "cross_entropy"},
     "np_merge": {"align": "none", "batchnorm": "running", "reset_bn": False},
 }
