@@ -94,3 +94,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class BNNet(torch.nn.Module):
+    """Two 3×3 convolutions with BatchNorm and a linear head, for 1×4×4 inputs: a CNN small enough for
+    the alignment tests (NP Merge, PLeaS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+        self.fc = torch.nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def bn_net(seed: int) -> torch.nn.Module:
+    """A seeded BNNet with non-trivial BatchNorm weights and running statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = BNNet()
+    for bn in (model.bn1, model.bn2):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bn_net
 from torch import nn
 
 import layermerge
@@ -25,29 +26,6 @@ def _mlp(seed: int, width: int = 16) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                          nn.Linear(width, 10)).eval()
-
-
-class _BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 4 * 4, 5)
-
-    def forward(self, x):
-        x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return self.fc(torch.flatten(x, 1))
-
-
-def _bn_net(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = _BNNet()
-    for bn in (model.bn1, model.bn2):
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def _labelled(count: int, seed: int, shape=(1, 4, 4), classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +68,7 @@ def test_first_adam_step_follows_the_hand_gradient():
 
 
 def test_merging_a_model_with_its_permuted_copy_returns_the_model():
-    model = _bn_net(0)
+    model = bn_net(0)
     x, y = _labelled(16, 0)
     spec = discover_spec(model, x)
     twin = permute_model(model, spec, random_perms(spec, torch.Generator().manual_seed(4)))
@@ -102,7 +80,7 @@ def test_merging_a_model_with_its_permuted_copy_returns_the_model():
 
 
 def test_batchnorm_reset_matches_a_hand_computation():
-    model = _bn_net(0)
+    model = bn_net(0)
     batches = [_labelled(12, seed) for seed in (1, 2)]
     before = copy.deepcopy(model.state_dict())
     state = reset_batchnorm(model.state_dict(), [(ModuleRunner(model), batches)])
@@ -131,7 +109,7 @@ def _assert_state_unchanged(model: nn.Module, before: dict) -> None:
 
 
 def test_np_merge_resets_batchnorm_and_trains():
-    models = [_bn_net(0), _bn_net(1)]
+    models = [bn_net(0), bn_net(1)]
     x, y = _labelled(32, 3)
     merged, result = np_merge_models(models, [(x[:16], y[:16]), (x[16:], y[16:])], align="weight", lr=0.05,
                                      epochs=5)
@@ -154,7 +132,7 @@ def test_running_batchnorm_trains_on_the_statistics_the_output_keeps():
     """batchnorm='running': BatchNorm stays in eval mode on the models' mean statistics, so the first
     epoch's loss is the eval-mode loss of the starting model (by hand), and the output keeps those
     statistics (also through successive pairwise merges, whose running mean weighs the merge so far)."""
-    models = [_bn_net(0), _bn_net(1), _bn_net(2)]
+    models = [bn_net(0), bn_net(1), bn_net(2)]
     states = [copy.deepcopy(m.state_dict()) for m in models]
     batches = [_labelled(8, 5), _labelled(8, 6)]
     start = copy.deepcopy(models[0])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bn_net
 from torch import nn
 
 import layermerge
@@ -32,29 +33,6 @@ def _mlp(seed: int, sizes=(8, 16, 12, 3), norm: bool = False) -> nn.Module:
         if index < len(sizes) - 2:
             layers += [nn.LayerNorm(n_out), nn.ReLU()] if norm else [nn.ReLU()]
     return nn.Sequential(*layers).eval()
-
-
-class _BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 4 * 4, 5)
-
-    def forward(self, x):
-        x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return self.fc(torch.flatten(x, 1))
-
-
-def _bn_net(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = _BNNet()
-    for bn in (model.bn1, model.bn2):
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def _inputs(count: int, *shape, seed: int = 0) -> torch.Tensor:
@@ -76,7 +54,7 @@ def _out(model, x):
 def test_merging_a_model_with_its_permuted_copy_returns_the_model(align_method):
     """The permutation is found (every tensor equal again) and the least squares reproduces the layers,
     for an MLP with LayerNorm and for a CNN whose convolutions are fitted through their BatchNorms."""
-    for model, x in ((_mlp(0, norm=True), _inputs(64, 8)), (_bn_net(0), _inputs(24, 1, 4, 4))):
+    for model, x in ((_mlp(0, norm=True), _inputs(64, 8)), (bn_net(0), _inputs(24, 1, 4, 4))):
         twin = _twin(model, x[:4])
         merged, result = pleas_models([model, twin], [x[:32], x[32:]], align=align_method)
         for key, tensor in model.state_dict().items():
@@ -167,7 +145,7 @@ def test_partial_matching_least_squares_by_blocks_equals_numpy():
 
 # --------------------------------------------------------------------- shapes and budget
 def test_full_matching_keeps_one_models_shapes():
-    model_a, model_b = _bn_net(0), _bn_net(1)
+    model_a, model_b = bn_net(0), bn_net(1)
     x = _inputs(16, 1, 4, 4)
     for options in ({}, {"budget": 1.0}, {"match_ratio": 1.0, "align": "weight"}):
         merged, result = pleas_models([model_a, model_b], [x], **options)
