@@ -145,7 +145,7 @@ def test_override_with_container_path():
     ({"blocks": ["first", "missing"]}, "no module 'missing'"),
     ({"blocks": ["first"], "head": ["nope.x"]}, "'head'"),
     ({"blocks": "stem"}, "not a non-empty nn.ModuleList"),
-    ({"embedding": ["stem"]}, "needs 'blocks'"),
+    ({"embedding": ["stem"]}, "needs either 'blocks'"),
     ({"blocks": ["first"], "layers": ["x"]}, "unknown key(s) ['layers']"),
     ({"blocks": ["second", "second.0"]}, "overlap"),
 ])
@@ -175,5 +175,77 @@ def test_nested_lists_pick_the_outer_stack():
 
     model = nn.Module()
     model.stages = nn.ModuleList(Stage() for _ in range(2))
-    assert find_block_plan(model).blocks == ("stages.0", "stages.1")
+    assert find_block_plan(model, granularity="stage").blocks == ("stages.0", "stages.1")
+    layered = find_block_plan(model)            # the default: each stage's layers, each stage a stack
+    assert layered.blocks == tuple(f"stages.{s}.inner.{i}" for s in range(2) for i in range(5))
+    assert layered.stack_starts == (0, 5)
     assert torch.is_tensor(next(model.parameters()))
+
+
+def test_stacks_override_gives_one_stream_per_stack():
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.right = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    plan = find_block_plan(TwoTowers(), {"stacks": ["left", ["right.0", "right.1", "right.2"]]})
+    assert plan.blocks == ("left.0", "left.1", "right.0", "right.1", "right.2")
+    assert plan.stack_starts == (0, 2) and plan.stacks == 2
+    assert [plan.stack_of(i) for i in range(5)] == [0, 0, 1, 1, 1]
+    assert list(plan.stack_blocks(1)) == [2, 3, 4]
+    assert [plan.starts_stack(i) for i in range(5)] == [False, False, True, False, False]
+    with pytest.raises(ConfigError, match="either 'blocks'"):
+        find_block_plan(TwoTowers(), {"blocks": "left", "stacks": ["right"]})
+    with pytest.raises(ConfigError, match="one entry per stack"):
+        find_block_plan(TwoTowers(), {"stacks": "left"})
+
+
+@pytest.mark.parametrize("config, encoder, decoder", [
+    (dict(model_type="t5", vocab_size=99, d_model=16, d_kv=4, d_ff=20, num_layers=2, num_decoder_layers=3,
+          num_heads=4), "encoder.block", "decoder.block"),
+    (dict(model_type="bart", vocab_size=99, d_model=16, encoder_layers=2, decoder_layers=3,
+          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=20, decoder_ffn_dim=20,
+          max_position_embeddings=32), "encoder.layers", "decoder.layers"),
+])
+def test_encoder_decoder_models_get_two_stacks(config, encoder, decoder):
+    """The model says which stack is its encoder: its blocks come first, then the decoder's, each its own stream."""
+    from transformers import AutoConfig, AutoModel
+
+    model = AutoModel.from_config(AutoConfig.for_model(**config))
+    plan = find_block_plan(model)
+    assert plan.blocks == (f"{encoder}.0", f"{encoder}.1", f"{decoder}.0", f"{decoder}.1", f"{decoder}.2")
+    assert plan.stack_starts == (0, 2)
+    assert "shared" in plan.embedding and not any(p.startswith(("encoder.block", "decoder.block")) for p in plan.head)
+
+
+@pytest.mark.parametrize("config, stages, layers", [
+    (dict(model_type="swin", image_size=32, patch_size=4, embed_dim=16, depths=[2, 3], num_heads=[2, 4],
+          window_size=4), "encoder.layers", "blocks"),
+    (dict(model_type="convnext", hidden_sizes=[8, 16], depths=[2, 3], num_stages=2), "encoder.stages", "layers"),
+    (dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[2, 3], layer_type="basic"),
+     "encoder.stages", "layers"),
+])
+def test_hierarchical_models_get_one_block_per_layer_by_default(config, stages, layers):
+    """Memory is one layer, not one stage: every layer a block, every stage its own stack (what runs between
+    stages, patch merging or downsampling, is captured for real); granularity 'stage' keeps whole stages."""
+    from transformers import AutoConfig, AutoModel
+
+    model = AutoModel.from_config(AutoConfig.for_model(**config))
+    plan = find_block_plan(model)
+    assert plan.blocks == (f"{stages}.0.{layers}.0", f"{stages}.0.{layers}.1", f"{stages}.1.{layers}.0",
+                           f"{stages}.1.{layers}.1", f"{stages}.1.{layers}.2")
+    assert plan.stack_starts == (0, 2)
+    coarse = find_block_plan(model, granularity="stage")
+    assert coarse.blocks == (f"{stages}.0", f"{stages}.1") and coarse.stack_starts == (0,)
+    with pytest.raises(ConfigError, match="granularity"):
+        find_block_plan(model, granularity="row")
+
+
+def test_flat_stacks_are_the_same_at_either_granularity():
+    from transformers import AutoConfig, AutoModel
+
+    model = AutoModel.from_config(AutoConfig.for_model(model_type="vit", image_size=16, patch_size=4, hidden_size=16,
+                                                       num_hidden_layers=2, num_attention_heads=2,
+                                                       intermediate_size=20))
+    assert find_block_plan(model) == find_block_plan(model, granularity="stage")

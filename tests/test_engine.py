@@ -35,7 +35,28 @@ CONFIGS = {
     "qwen2": dict(model_type="qwen2", **TEXT, num_key_value_heads=2, use_sliding_window=True,
                   sliding_window=3, max_window_layers=1,
                   layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    # Encoder-decoder models: two stacks, the decoder's cross-attention reading each stream's own encoder.
+    "t5": dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4,
+               decoder_start_token_id=0),
+    "bart": dict(model_type="bart", vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=3,
+                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                 max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                 decoder_start_token_id=2),
+    "whisper": dict(model_type="whisper", vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
+                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                    num_mel_bins=8, max_source_positions=16, max_target_positions=32, pad_token_id=1,
+                    bos_token_id=2, eos_token_id=2, decoder_start_token_id=3),
 }
+SEQ2SEQ = ("t5", "bart", "whisper")
+# Hierarchical vision models: every stage's layers are blocks, every stage a stack (patch merging and
+# downsampling run between stages).
+HIERARCHICAL = {
+    "swin": dict(model_type="swin", image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                 window_size=4),
+    "convnext": dict(model_type="convnext", hidden_sizes=[8, 16], depths=[2, 2], num_stages=2),
+    "resnet": dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic"),
+}
+CONFIGS.update(HIERARCHICAL)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,6 +88,16 @@ def text_batches(seed: int, lengths=((7, 5), (6, 6))) -> list[dict]:
     return batches
 
 
+def seq2seq_batches(family: str, seed: int) -> list[dict]:
+    """Encoder inputs (tokens with padding, or audio features) and teacher-forced decoder tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    decoder = {"decoder_input_ids": torch.randint(4, 99, (2, 5), generator=generator),
+               "decoder_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    if family == "whisper":
+        return [{"input_features": torch.randn(2, 8, 32, generator=generator), **decoder}]
+    return [{**text_batches(seed, lengths=((7, 5),))[0], **decoder}]
+
+
 def make_setup(family: str, tasks=("t0", "t1")):
     from transformers import AutoConfig, AutoModel
 
@@ -79,7 +110,13 @@ def make_setup(family: str, tasks=("t0", "t1")):
                 for i, task in enumerate(tasks)}
     else:
         base = AutoModel.from_config(AutoConfig.for_model(**CONFIGS[family])).eval()
-        data = {task: text_batches(i) for i, task in enumerate(tasks)}
+        if family in SEQ2SEQ:
+            data = {task: seq2seq_batches(family, i) for i, task in enumerate(tasks)}
+        elif family in HIERARCHICAL:
+            data = {task: [{"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))}]
+                    for i, task in enumerate(tasks)}
+        else:
+            data = {task: text_batches(i) for i, task in enumerate(tasks)}
     experts = {task: perturbed(base, seed=i + 1) for i, task in enumerate(tasks)}
     return base, experts, data
 
@@ -179,7 +216,7 @@ class NoisyDataMerger(BlockTaskArithmetic):
         return BlockResult(merged, artifacts={"scale": scale.reshape(1)}, stats={"score": score})
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2", "efficientnet"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2", "efficientnet", *SEQ2SEQ, *HIERARCHICAL])
 def test_streams_match_real_forward_passes(family):
     """z_m, z_i and Block(θ_i; z_i) equal the hidden states of full Task-Arithmetic and expert models."""
     base, experts, data = make_setup(family)
@@ -342,7 +379,7 @@ def test_custom_module_with_override_and_errors():
             self.two = nn.Linear(6, 6)
 
         def forward(self, x):
-            return self.two(torch.relu(self.one(self.stem(x))))
+            return self.two(self.one(self.stem(x)))
 
     torch.manual_seed(0)
     base = Net()
@@ -361,6 +398,26 @@ def test_custom_module_with_override_and_errors():
         renamed = {f"net.{k}": v for k, v in base.state_dict().items()}
         run_engine(copy.deepcopy(base), StateDictSource(renamed, {t: renamed for t in experts}), data,
                    BlockTaskArithmetic(), block_plan=override)
+
+
+def test_a_step_between_blocks_is_refused_not_skipped():
+    """The engine streams each block's output into the next; a model that changes it in between (here a
+    ReLU, elsewhere another stack's embedding) would be merged on streams it never computes."""
+
+    class Gap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 6)
+            self.layers = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+
+        def forward(self, x):
+            return self.layers[1](torch.relu(self.layers[0](self.stem(x))))
+
+    base = Gap()
+    data = {"a": [{"x": torch.randn(3, 4)}]}
+    with pytest.raises(BlockPlanError, match="'layers.1' does not receive block 'layers.0''s output"):
+        run_engine(copy.deepcopy(base), StateDictSource.from_models(base, {"a": perturbed(base, 1)}), data,
+                   BlockTaskArithmetic())
 
 
 def test_blocks_called_twice_are_refused():

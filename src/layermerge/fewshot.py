@@ -98,12 +98,13 @@ def task_reference(reference: str | dict | None, relative_to: Path) -> str | dic
 
 def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[dict]]:
     """``{expert name: [collated batch, ...]}`` as the ``data:`` section describes."""
-    from layermerge.data import GenerationCollator, TextCollator, load_split, sample_few_shot
+    from layermerge.data import GenerationCollator, Seq2SeqCollator, TextCollator, load_split, sample_few_shot
 
     if not isinstance(config, DataConfig):
         config = DataConfig(**config)
     tasks = expert_tasks(config, expert_set.names)
     limit = check_max_length(config, expert_set.reference)
+    decoder_start = seq2seq_decoder_start(expert_set.output_config() or {})
     tokenizer = None
     batches: dict[str, list[dict]] = {}
     for name in expert_set.names:
@@ -127,8 +128,10 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
                 tokenizer = few_shot_tokenizer(config, expert_set.reference)
             use = expert_tokenizer if own_vocabulary else tokenizer
             length = spec.max_length or _default_length(config, limit)
-            if task.is_generation:
-                completion = config.include_completion if spec.include_completion is None else spec.include_completion
+            completion = config.include_completion if spec.include_completion is None else spec.include_completion
+            if decoder_start is not None:
+                collate = Seq2SeqCollator(use, task, decoder_start, length, include_completion=completion)
+            elif task.is_generation:
                 collate = GenerationCollator(use, task, length, include_completion=completion)
             else:
                 collate = TextCollator(use, task, length)
@@ -139,8 +142,23 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
         if own_vocabulary and not task.is_image:
             position = expert_set.names.index(name)
             for batch in batches[name]:
-                batch["input_ids"] = expert_set.vocabulary.output_ids(position, batch["input_ids"])
+                for key in ("input_ids", "decoder_input_ids"):
+                    if key in batch:
+                        batch[key] = expert_set.vocabulary.output_ids(position, batch[key])
     return batches
+
+
+def seq2seq_decoder_start(config: Mapping) -> int | None:
+    """The decoder's start token of an encoder-decoder model's config (None for other models): few-shot
+    batches then carry decoder inputs beginning with it."""
+    if not config.get("is_encoder_decoder"):
+        return None
+    for key in ("decoder_start_token_id", "bos_token_id", "pad_token_id"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise ConfigError("this encoder-decoder model's config has no decoder_start_token_id (nor bos/pad token id), "
+                      "so few-shot decoder inputs cannot start; set decoder_start_token_id in config.json or "
+                      "pass hand-built batches with decoder_input_ids")
 
 
 def _grown_vocabulary(expert_set):
@@ -281,7 +299,9 @@ def adapt_batches(model: torch.nn.Module, data: Mapping) -> dict[str, list[dict]
                         f"got {type(data).__name__}")
     parameters = _forward_parameters(model)
     config = getattr(model, "config", None)
-    found = position_limit(config.to_dict() if callable(getattr(config, "to_dict", None)) else None)
+    config_dict = config.to_dict() if callable(getattr(config, "to_dict", None)) else None
+    found = position_limit(config_dict)
+    decoder_start = seq2seq_decoder_start(config_dict or {}) if "decoder_input_ids" in parameters else None
     adapted = {}
     for task, batches in data.items():
         if isinstance(batches, Mapping):
@@ -291,9 +311,22 @@ def adapt_batches(model: torch.nn.Module, data: Mapping) -> dict[str, list[dict]
                             f"{type(batches).__name__}")
         adapted[task] = [_adapt(dict(batch) if isinstance(batch, Mapping) else batch, parameters, task, i)
                          for i, batch in enumerate(batches)]
+        if decoder_start is not None:
+            adapted[task] = [with_decoder_start(batch, decoder_start) for batch in adapted[task]]
         if found is not None:
             _check_lengths(adapted[task], task, *found)
     return adapted
+
+
+def with_decoder_start(batch: dict, decoder_start: int) -> dict:
+    """An encoder-decoder batch without decoder inputs gets one decoder start token per example (the
+    decoder's stream is then its first position, cross-attending to the encoder)."""
+    if "decoder_input_ids" in batch or "decoder_inputs_embeds" in batch:
+        return batch
+    size = next((value.shape[0] for value in batch.values() if isinstance(value, torch.Tensor) and value.dim()), None)
+    if size is None:
+        return batch
+    return {**batch, "decoder_input_ids": torch.full((size, 1), decoder_start, dtype=torch.long)}
 
 
 def _check_lengths(batches: list[dict], task: str, limit: int, key: str) -> None:

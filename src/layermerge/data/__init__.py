@@ -1,7 +1,13 @@
 """Tasks and their data: specs (built-in or the user's own), loaders (files, a Hugging Face dataset or a
 public copy), the K-shot sampler, collation, and the task models that fine-tuning and evaluation build and load."""
 
-from layermerge.data.collate import GenerationCollator, ImageCollator, TextCollator, length_grouped_batches
+from layermerge.data.collate import (
+    GenerationCollator,
+    ImageCollator,
+    Seq2SeqCollator,
+    TextCollator,
+    length_grouped_batches,
+)
 from layermerge.data.models import (
     VisionFactory,
     VisionSpec,
@@ -24,7 +30,7 @@ from layermerge.data.tasks import (
 )
 
 __all__ = [
-    "BUILTIN_TASKS", "GLUE_TASKS", "TASKS", "VISION_TASKS", "GenerationCollator", "ImageCollator",
+    "BUILTIN_TASKS", "GLUE_TASKS", "TASKS", "VISION_TASKS", "GenerationCollator", "ImageCollator", "Seq2SeqCollator",
     "ImageData", "Task", "TaskData", "TextCollator", "TextData", "VisionFactory", "VisionSpec",
     "find_data_dir", "get_task", "length_grouped_batches", "load_model", "load_split", "load_tokenizer",
     "parse_task_list", "register_vision_model", "sample_few_shot", "save_vision_base", "task_from_file",

@@ -112,6 +112,51 @@ class GenerationCollator:
         return batch
 
 
+class Seq2SeqCollator:
+    """rows -> encoder and decoder inputs for an encoder-decoder model (T5, BART...).
+
+    The encoder reads the prompt (a generation task) or the text fields (a text task); the decoder reads
+    its start token followed by the completion, teacher-forced (``include_completion``, generation tasks),
+    or its start token alone. Padding is on the right, with each side's own attention mask.
+    """
+
+    def __init__(self, tokenizer, task: Task, decoder_start: int, max_length: int = 512,
+                 include_completion: bool = True):
+        if task.is_image:
+            raise DataError(f"task {task.name!r} is an image task; an encoder-decoder model reads text")
+        if max_length <= 0:
+            raise DataError(f"max_length must be positive, got {max_length}")
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        self.decoder_start, self.include_completion = int(decoder_start), include_completion
+
+    def encoder_ids(self, row: dict) -> list[int]:
+        if self.task.is_generation:
+            return list(self.tokenizer(str(row[self.task.prompt]), add_special_tokens=True)["input_ids"])
+        return list(self.tokenizer(*[str(row[field]) for field in self.task.text_fields])["input_ids"])
+
+    def decoder_ids(self, row: dict) -> list[int]:
+        completion = []
+        if self.task.is_generation and self.include_completion:
+            completion = completion_ids(self.tokenizer, row[self.task.completion])[:-1]   # the last is never read
+        return [self.decoder_start, *completion]
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        encoder = [self.encoder_ids(row)[:self.max_length] for row in rows]
+        decoder = [self.decoder_ids(row)[:self.max_length] for row in rows]
+        pad = pad_token_id(self.tokenizer)
+        batch = {}
+        for ids_key, mask_key, sequences in (("input_ids", "attention_mask", encoder),
+                                             ("decoder_input_ids", "decoder_attention_mask", decoder)):
+            width = max(len(ids) for ids in sequences)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, sequence in enumerate(sequences):
+                ids[i, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+                mask[i, :len(sequence)] = 1
+            batch[ids_key], batch[mask_key] = ids, mask
+        return batch
+
+
 class ImageCollator:
     """rows -> {pixel_values (N×C×R×R float), labels}.
 

@@ -11,7 +11,8 @@ sums; only which examples share a batch changes.
 It applies to right-padded token batches only: each batch's 2-D ``attention_mask`` (batch, tokens)
 must hold every example's real tokens first. Left padding (common for causal LMs) is left alone,
 because trimming it would move the real tokens' positions; so are batches without such a mask
-(images) and batches holding anything but tensors.
+(images), batches holding anything but tensors, and encoder-decoder batches (``decoder_*`` inputs:
+the decoder's tokens have their own length and mask).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _split_examples(batch: Mapping) -> tuple[list[tuple[int, dict]], set[str], d
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     if not all(isinstance(value, torch.Tensor) and value.dim() >= 1 for value in batch.values()):
+        return None
+    if any(key.startswith("decoder_") for key in batch):
         return None
     rows, width = mask.shape
     if any(value.shape[0] != rows for value in batch.values()):

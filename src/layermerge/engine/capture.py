@@ -6,6 +6,14 @@ output). The embedding stage runs for real; no block computes anything, so the p
 as much as the embedding stage, whatever the depth. Extra arguments (attention masks, position
 ids, rotary tables) are built by the model itself, so every family gets exactly what its blocks
 expect, including per-layer differences (sliding-window layers get their own mask).
+
+A model with several stacks (an encoder and a decoder) is captured one stack at a time. For stack
+``k`` the blocks of the stacks before it are replayers: none computes anything, and the last block
+of each returns that stack's final hidden states on the stream being captured (the merged model's
+encoder output for the merged stream, the expert's own for its stream), so whatever the model
+builds from them (the decoder's cross-attention inputs) is the stream's own. Within a stack every
+block must receive the previous block's output unchanged; a plan whose blocks do not chain (one
+list over an encoder and a decoder) is refused, never trained.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 from torch import nn
 
 from layermerge.blocks import BlockPlan, BlockPlanError
-from layermerge.engine.tree import trees_equal
+from layermerge.engine.tree import carried_positions, replace_carried, trees_equal
 
 
 class _StopForward(Exception):
@@ -32,13 +40,16 @@ class BlockInputs:
     ``extras`` holds the distinct ``(args, kwargs)`` pairs (without the hidden states);
     ``extra_index[l]`` says which one block ``l`` receives; most models pass all blocks the same.
     ``output_format`` says how a block returns its hidden states: ``None`` for a bare tensor, or the
-    length of the tuple whose first item it is.
+    length of the tuple whose first item it is. ``carried`` lists the positions of the block outputs
+    (after the hidden states, counted from 1) that the next block receives as arguments; in ``extras``
+    those arguments are ``Carried`` placeholders, filled per stream while streaming.
     """
 
     hidden: torch.Tensor
     extras: list[tuple[tuple, dict]]
     extra_index: list[int]
     output_format: int | None
+    carried: tuple[int, ...] = ()
 
 
 def hidden_of(output: Any) -> torch.Tensor:
@@ -93,7 +104,20 @@ def split_hidden(args: tuple, kwargs: dict, hidden_name: str | None = None) -> t
 
 def call_block(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden: torch.Tensor,
                extra: tuple[tuple, dict], dtype: torch.dtype | None = None):
-    """Run ``block`` on ``hidden`` with its extra arguments, with ``params`` in place of its own weights.
+    """The hidden states ``block`` outputs (see ``call_block_outputs``)."""
+    return hidden_of(call_block_outputs(block, params, hidden, extra, dtype))
+
+
+def outputs_at(output: Any, positions: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """The block outputs at ``positions`` (1 = the first after the hidden states)."""
+    items = output.to_tuple() if hasattr(output, "to_tuple") else tuple(output)
+    return {position: items[position] for position in positions}
+
+
+def call_block_outputs(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden: torch.Tensor,
+                       extra: tuple[tuple, dict], dtype: torch.dtype | None = None):
+    """Run ``block`` on ``hidden`` with its extra arguments, with ``params`` in place of its own weights;
+    its whole output (the hidden states, or a tuple starting with them).
 
     With ``dtype`` the floating weights are cast to it first (bf16 block compute); the cast is part of
     the autograd graph, so coefficients behind ``params`` still receive fp32 gradients. A 4-D input of
@@ -104,10 +128,10 @@ def call_block(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden:
     if hidden.dim() == 4 and has_convolutions(block):
         hidden = hidden.contiguous(memory_format=torch.channels_last)
     if params is None:
-        return hidden_of(block(hidden, *args, **kwargs))
+        return block(hidden, *args, **kwargs)
     if dtype is not None:
         params = {name: t.to(dtype) if t.is_floating_point() else t for name, t in params.items()}
-    return hidden_of(torch.func.functional_call(block, params, (hidden, *args), kwargs, strict=False))
+    return torch.func.functional_call(block, params, (hidden, *args), kwargs, strict=False)
 
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -119,6 +143,26 @@ def has_convolutions(block: nn.Module) -> bool:
     return any(isinstance(module, CONVOLUTIONS) for module in block.modules())
 
 
+def check_chain(model: nn.Module, plan: BlockPlan, indices: range, inputs: list[torch.Tensor]) -> None:
+    """Every block of a stack must receive the previous block's output as it was returned.
+
+    The recorders return their input, so block ``l + 1`` must receive exactly what block ``l``
+    received. Anything else means the model does something between the two (another stack's
+    embedding, a pooling step) that the engine's streams would skip: refused, never trained.
+    """
+    for position in range(1, len(inputs)):
+        before, after = inputs[position - 1], inputs[position]
+        if after is before or (after.shape == before.shape and torch.equal(after, before)):
+            continue
+        first, second = plan.blocks[indices[position - 1]], plan.blocks[indices[position]]
+        raise BlockPlanError(
+            f"{type(model).__name__}: block {second!r} does not receive block {first!r}'s output (input "
+            f"{tuple(after.shape)} after output {tuple(before.shape)}): the two do not form one stream, e.g. "
+            "an encoder's last block and a decoder's first. List each stack separately "
+            "(block_plan: {stacks: [encoder.layers, decoder.layers]}), or list only blocks that run one "
+            "after another, each output feeding the next.")
+
+
 def model_call_options(model: nn.Module) -> dict:
     """Keyword arguments that switch off caches for models whose forward accepts them."""
     try:
@@ -128,16 +172,42 @@ def model_call_options(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in names else {}
 
 
-def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any],
-                         first_block_params: dict[str, torch.Tensor] | None = None) -> BlockInputs:
-    """Run ``model(**batch)`` with recorders in place of the blocks; return what the blocks received.
+def replayer(block: nn.Module, output: torch.Tensor | None, output_format: int | None):
+    """A stand-in for ``block`` of an earlier stack: returns its input, or ``output`` (that stack's final
+    hidden states) when given, in the block's output format; computes nothing."""
+    hidden_name = hidden_parameter(block.forward)
 
-    ``first_block_params`` are weights for the one real call of the first block (which teaches the
-    recorders the blocks' output format); pass them when the template's blocks live on the meta device.
+    def replay(*args, **kwargs):
+        hidden, _, _ = split_hidden(args, kwargs, hidden_name)
+        result = hidden if output is None else output
+        return result if output_format is None else (result, *([None] * (output_format - 1)))
+
+    return replay
+
+
+def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any],
+                         first_block_params: dict[str, torch.Tensor] | None = None, *, stack: int = 0,
+                         replay: dict[int, torch.Tensor] | None = None,
+                         replay_formats: dict[int, int | None] | None = None) -> BlockInputs:
+    """Run ``model(**batch)`` with recorders in place of the blocks of ``stack``; return what they received.
+
+    ``first_block_params`` are weights for the one real call of the stack's first block (which teaches
+    the recorders the blocks' output format); pass them when the template's blocks live on the meta
+    device. For ``stack > 0``, ``replay[j]`` is stack ``j``'s final hidden states for this batch and
+    stream and ``replay_formats[j]`` its blocks' output format.
     """
-    blocks = [model.get_submodule(path) for path in plan.blocks]
+    indices = plan.stack_blocks(stack)
+    blocks = [model.get_submodule(plan.blocks[index]) for index in indices]
+    earlier = []
+    for previous in range(stack):
+        for index in plan.stack_blocks(previous):
+            module = model.get_submodule(plan.blocks[index])
+            last = index == plan.stack_blocks(previous)[-1]
+            module.forward = replayer(module, replay[previous] if last else None, replay_formats[previous])
+            earlier.append(module)
     calls: list[tuple[int, torch.Tensor, tuple, dict]] = []
     output_format: list[int | None] = []
+    first_outputs: list[Any] = []          # the first block's outputs after the hidden states
 
     def recorder(index: int, block: nn.Module):
         real_forward = block.forward
@@ -157,15 +227,14 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
                     finally:
                         block.forward = record
                 output_format.append(None if isinstance(real, torch.Tensor) else len(tuple(real)))
-                fmt_source = real
-            else:
-                fmt_source = None
+                first_outputs.extend(tuple(real)[1:] if output_format[0] is not None else ())
             if index == len(blocks) - 1:
                 raise _StopForward
             if output_format[0] is None:
                 return hidden
-            rest_out = tuple(fmt_source)[1:] if fmt_source is not None else (None,) * (output_format[0] - 1)
-            return (hidden, *rest_out)
+            # Every later block hands on the first block's extra outputs, as blocks that pass on what
+            # they received do (T5's position bias); the engine refreshes them per stream.
+            return (hidden, *first_outputs)
 
         return record
 
@@ -177,7 +246,7 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
     except _StopForward:
         pass
     finally:
-        for block in blocks:
+        for block in [*blocks, *earlier]:
             del block.forward
     order = [index for index, *_ in calls]
     if order != list(range(len(blocks))):
@@ -185,6 +254,11 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
             f"{type(model).__name__}'s blocks were not called once each in plan order (calls: "
             f"{order[:12]} for {len(blocks)} blocks): the engine needs blocks that run one after another, "
             "each output feeding the next. Correct the block list with a block_plan override.")
+    check_chain(model, plan, indices, [hidden for _, hidden, _, _ in calls])
+    handed_on = {position + 1: item for position, item in enumerate(first_outputs) if isinstance(item, torch.Tensor)}
+    calls = [(index, hidden, *replace_carried((rest, other), handed_on if index > 0 else {}))
+             for index, hidden, rest, other in calls]
+    carried = sorted(set().union(*(carried_positions((rest, other)) for _, _, rest, other in calls)))
     extras: list[tuple[tuple, dict]] = []
     extra_index = []
     for _, _, rest, other in calls:
@@ -195,4 +269,4 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
         else:
             extras.append((rest, other))
             extra_index.append(len(extras) - 1)
-    return BlockInputs(calls[0][1], extras, extra_index, output_format[0])
+    return BlockInputs(calls[0][1], extras, extra_index, output_format[0], tuple(carried))

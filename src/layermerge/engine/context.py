@@ -17,8 +17,8 @@ from torch import nn
 
 from layermerge.distributed import SINGLE, DataParallel
 from layermerge.engine.cache import ActivationCache
-from layermerge.engine.capture import call_block
-from layermerge.engine.tree import fill_tensors, map_tensors, split_tensors
+from layermerge.engine.capture import call_block, call_block_outputs, hidden_of, outputs_at
+from layermerge.engine.tree import carried_positions, fill_carried, fill_tensors, map_tensors, split_tensors
 from layermerge.progress import progress
 
 
@@ -52,22 +52,49 @@ class Streams:
         self.refs: dict[str, list[PairRef]] = {}
         self.local: set[tuple[str, int]] = set()
         self.masks: dict[tuple[str, int], torch.Tensor | None] = {}
-        self._extras: dict[tuple[str, str, int], tuple[Any, list[int], int]] = {}
+        self._extras: dict[tuple[str, str, int], tuple[Any, list[int], int, int]] = {}
 
     def local_refs(self, task: str) -> list[PairRef]:
         return [ref for ref in self.refs[task] if (ref.task, ref.batch) in self.local]
 
-    def put_extras(self, stream: str, task: str, batch: int, extras: list, extra_index: list[int]) -> None:
+    def put_extras(self, stream: str, task: str, batch: int, extras: list, extra_index: list[int],
+                   first_block: int = 0) -> None:
+        """The extra arguments of blocks ``first_block, first_block + 1, ...`` (one stack), replacing the
+        previous stack's."""
         skeleton, tensors = split_tensors(extras)
+        previous = self._extras.get((stream, task, batch))
+        for position in range(len(tensors), previous[2] if previous else 0):
+            self.cache.pop(("extra", stream, task, batch, position))
         for position, tensor in enumerate(tensors):
             self.cache.put(("extra", stream, task, batch, position), tensor)
-        self._extras[(stream, task, batch)] = (skeleton, extra_index, len(tensors))
+        self._extras[(stream, task, batch)] = (skeleton, extra_index, len(tensors), first_block)
 
-    def extra(self, stream: str, task: str, batch: int, block: int, device) -> tuple[tuple, dict]:
-        skeleton, extra_index, count = self._extras[(stream, task, batch)]
+    def extra(self, stream: str, task: str, batch: int, block: int, device,
+              carried: dict[int, torch.Tensor] | None = None) -> tuple[tuple, dict]:
+        """Block ``block``'s extra arguments on ``stream``; outputs the previous block hands on (``Carried``
+        placeholders) come from ``carried`` or, by default, from what the engine stored for the stream."""
+        skeleton, extra_index, count, first_block = self._extras[(stream, task, batch)]
         tensors = [self.cache.get(("extra", stream, task, batch, i)) for i in range(count)]
-        extras = fill_tensors(skeleton, tensors)[extra_index[block]]
+        extras = fill_tensors(skeleton, tensors)[extra_index[block - first_block]]
+        positions = carried_positions(extras)
+        if positions:
+            if carried is None:
+                carried = {position: self.cache.get(("carry", stream, task, batch, position))
+                           for position in positions}
+            extras = fill_carried(extras, carried)
         return map_tensors(extras, lambda t: t.to(device))
+
+    def put_carried(self, stream: str, task: str, batch: int, outputs: dict[int, torch.Tensor],
+                    pending: bool = False) -> None:
+        """Store a block's handed-on outputs for the next block of ``stream`` (``pending``: only once the
+        current block is finished, see ``commit_carried``)."""
+        kind = "carry_next" if pending else "carry"
+        for position, tensor in outputs.items():
+            self.cache.put((kind, stream, task, batch, position), tensor.detach())
+
+    def commit_carried(self, stream: str, task: str, batch: int, positions) -> None:
+        for position in positions:
+            self.cache.rename(("carry_next", stream, task, batch, position), ("carry", stream, task, batch, position))
 
 
 class StreamAccess:
@@ -196,6 +223,7 @@ class NetworkContext(StreamAccess):
         self.base = base
         self.experts = experts
         self.num_blocks = len(modules)
+        self.carried: tuple[int, ...] = ()      # the block outputs each block hands on to the next
 
     def merged_input(self, ref: PairRef) -> torch.Tensor:
         return self._get("zm", ref)
@@ -208,7 +236,11 @@ class NetworkContext(StreamAccess):
         """All blocks in order on the merged stream's input, block ``l`` with ``params[l]``
         (differentiable in every block's weights)."""
         hidden = self.merged_input(ref)
+        carried: dict[int, torch.Tensor] = {}
         for index, module in enumerate(self.modules):
-            extra = self._streams.extra("merged", ref.task, ref.batch, index, self.device)
-            hidden = call_block(module, params[index], hidden, extra, self.dtype)
+            extra = self._streams.extra("merged", ref.task, ref.batch, index, self.device, carried)
+            output = call_block_outputs(module, params[index], hidden, extra, self.dtype)
+            hidden = hidden_of(output)
+            if self.carried:
+                carried = outputs_at(output, self.carried)
         return hidden

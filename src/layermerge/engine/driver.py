@@ -32,7 +32,7 @@ from layermerge.blocks import BlockPlan
 from layermerge.distributed import SINGLE, DataParallel, resolve_device
 from layermerge.engine.batching import group_by_length, padding_share
 from layermerge.engine.cache import ActivationCache
-from layermerge.engine.capture import call_block, capture_block_inputs
+from layermerge.engine.capture import call_block_outputs, capture_block_inputs, hidden_of, outputs_at
 from layermerge.engine.checkpoint import RunCheckpoint
 from layermerge.engine.context import BlockContext, BlockResult, NetworkContext, PairRef, Streams
 from layermerge.engine.sources import WeightSource, as_source, expert_tensor
@@ -175,8 +175,10 @@ def input_batch_size(batch: Mapping, task: str, position: int) -> int:
                     f"(keys: {sorted(batch)}); give model inputs such as input_ids or pixel_values")
 
 
-def _token_mask(batch: Mapping, hidden: torch.Tensor) -> torch.Tensor | None:
-    mask = batch.get("attention_mask")
+def _token_mask(batch: Mapping, hidden: torch.Tensor, stack: int = 0) -> torch.Tensor | None:
+    """The real-token mask of a stack's stream: ``attention_mask`` for the first stack (the encoder),
+    ``decoder_attention_mask`` for a decoder stack; None when absent or of another shape."""
+    mask = batch.get("attention_mask" if stack == 0 else "decoder_attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(hidden.shape[:2]):
         return mask.detach().to("cpu").bool()
     return None
@@ -235,18 +237,43 @@ def task_arithmetic_tensor(base: torch.Tensor, experts: Iterable[torch.Tensor], 
     return total.mul_(scaling).add_(base)
 
 
+def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names of the same tensor (tied embeddings: ``shared.weight``,
+    ``encoder.embed_tokens.weight``...), whatever names the model gives them."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(parameter), []).append(name)
+    return {name: [other for other in names if other != name]
+            for names in by_tensor.values() if len(names) > 1 for name in names}
+
+
+def retie(model: nn.Module, loaded: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> None:
+    """After ``load_state_dict(assign=True)``, point every tied name at the tensor loaded under one of its
+    names (assigning replaces the parameter under that name only, leaving its twins on the meta device)."""
+    for name in loaded:
+        if name not in aliases:
+            continue
+        parameter = model.get_parameter(name)
+        for other in aliases[name]:
+            if other in loaded:
+                continue
+            path, _, attribute = other.rpartition(".")
+            setattr(model.get_submodule(path) if path else model, attribute, parameter)
+
+
 # --------------------------------------------------------------------- the engine
 class BlockEngine:
     """One run of a BlockMerger over a model; see ``run_engine`` for the arguments."""
 
     def __init__(self, model: nn.Module, weights, data: Mapping[str, Sequence[Mapping]],
                  merger: BlockMerger, *,
-                 plan: BlockPlan | None = None, block_plan: Mapping | None = None, scaling: float = 0.3,
+                 plan: BlockPlan | None = None, block_plan: Mapping | None = None,
+                 block_granularity: str = "layer", scaling: float = 0.3,
                  cache_budget: int = DEFAULT_CACHE_BUDGET, spill_dir: str | Path | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, checkpoint_dir: str | Path | None = None,
                  resume: bool = False, quiet: bool = True, compute_dtype: str | torch.dtype | None = None,
                  sink: EngineSink | None = None, parallel: DataParallel | None = None,
-                 regroup_by_length: bool = True):
+                 regroup_by_length: bool = True, non_block_weights: Mapping[str, torch.Tensor] | None = None):
         self.model = model
         self.source = as_source(weights)
         self.tasks = list(self.source.tasks)
@@ -258,7 +285,7 @@ class BlockEngine:
         self.padding = _padding(data, self.tasks)
         self.merger = merger
         self.network = callable(getattr(merger, "merge_network", None))
-        self.plan = plan or BlockPlan.from_model(model, block_plan)
+        self.plan = plan or BlockPlan.from_model(model, block_plan, block_granularity)
         self.scaling = float(scaling)
         self.parallel = parallel or SINGLE
         self.device = resolve_device(device, self.parallel)
@@ -270,6 +297,14 @@ class BlockEngine:
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.sink = sink
+        self.non_block_weights = non_block_weights
+        if self.network and self.plan.stacks > 1:
+            raise ConfigError(f"{merger.name} trains every block at once along one stream, but this model has "
+                              f"{self.plan.stacks} stacks (an encoder and a decoder); use a block-by-block method "
+                              "(prodistill, regmean) for it")
+        self.aliases = tied_aliases(model)
+        self.output_formats: dict[int, int | None] = {}
+        self.carried: dict[int, tuple[int, ...]] = {}      # per stack: outputs each block hands on
         self._check_keys()
         self._index_batches()
 
@@ -308,7 +343,8 @@ class BlockEngine:
         describe = getattr(self.merger, "config", None)
         source_id = getattr(self.source, "fingerprint", None)
         return {"method": self.merger.name, "method_config": describe() if callable(describe) else None,
-                "tasks": self.tasks, "blocks": list(self.plan.blocks), "scaling": self.scaling,
+                "tasks": self.tasks, "blocks": list(self.plan.blocks),
+                "stack_starts": list(self.plan.stack_starts), "scaling": self.scaling,
                 "seed": self.seed, "compute_dtype": str(self.dtype or torch.float32),
                 "data": data_fingerprint(self.data), "weights": source_id() if callable(source_id) else None}
 
@@ -328,6 +364,7 @@ class BlockEngine:
         if result.unexpected_keys:
             raise IncompatibleExpertsError(f"weights {result.unexpected_keys[:3]} do not fit "
                                            f"{type(self.model).__name__}")
+        retie(self.model, placed, self.aliases)
 
     def _check_embedding_materialised(self) -> None:
         for path in self.plan.embedding:
@@ -339,42 +376,72 @@ class BlockEngine:
                         "of the checkpoints, so the merged model's block inputs cannot be computed; the base "
                         "and experts must hold every weight the model runs before its first block")
 
-    def _capture(self, stream: str, task: str, kind: str, first_block: dict[str, torch.Tensor]) -> None:
+    def _capture(self, stream: str, task: str, kind: str, first_block: dict[str, torch.Tensor],
+                 stack: int = 0) -> None:
         for position, batch in enumerate(self.data[task]):
             if (task, position) not in self.streams.local:
                 continue
             batch = map_tensors(dict(batch), lambda t: t.to(self.device))
-            inputs = capture_block_inputs(self.model, self.plan, batch, first_block)
+            replay = {earlier: self.cache.get(("final", earlier, kind, task, position)).to(self.device)
+                      for earlier in range(stack)}
+            inputs = capture_block_inputs(self.model, self.plan, batch, first_block, stack=stack, replay=replay,
+                                          replay_formats=self.output_formats)
+            self.output_formats.setdefault(stack, inputs.output_format)
+            self.carried[stack] = tuple(sorted(set(self.carried.get(stack, ())) | set(inputs.carried)))
             expected = self.streams.refs[task][position].size
             if inputs.hidden.dim() == 0 or inputs.hidden.shape[0] != expected:
                 raise DataError(f"task '{task}' batch {position}: its inputs hold {expected} examples but the "
                                 f"first block received hidden states of shape {tuple(inputs.hidden.shape)}; "
                                 "give batches whose tensors all have the examples along dimension 0")
             self.cache.put((kind, task, position), inputs.hidden)
-            self.streams.put_extras(stream, task, position, inputs.extras, inputs.extra_index)
+            self.streams.put_extras(stream, task, position, inputs.extras, inputs.extra_index,
+                                    self.plan.stack_starts[stack])
             if stream == "merged":
-                self.streams.masks[(task, position)] = _token_mask(batch, inputs.hidden)
+                self.streams.masks[(task, position)] = _token_mask(batch, inputs.hidden, stack)
 
     def capture(self) -> dict[str, torch.Tensor]:
         """Fill both streams with the first block's inputs; return the Task-Arithmetic non-block weights.
 
         Each expert's non-block weights are read and loaded one expert at a time.
         """
-        merged_non_block = {key: non_block_tensor(key, self.source.base(key), self._each_expert(key), self.scaling)
-                            for key in self.non_block_keys}
+        merged_non_block = {key: self._merged_non_block(key) for key in self.non_block_keys}
         self._load_non_block(merged_non_block)
         self._check_embedding_materialised()
-        first_block, _ = _block_params(self.source, self.plan.prefix(0), self.block_names[0], self.device,
-                                       experts=False)
+        self._capture_stack(0, merged_non_block)
+        return merged_non_block
+
+    def _capture_stack(self, stack: int, merged_non_block: dict[str, torch.Tensor]) -> None:
+        """Both streams' inputs to the first block of ``stack``; the template holds the merged non-block
+        weights before and after."""
+        first = self.plan.stack_starts[stack]
+        first_block, _ = _block_params(self.source, self.plan.prefix(first), self.block_names[first],
+                                       self.device, experts=False)
         if self.dtype is not None:
             first_block = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in first_block.items()}
         for task in self.tasks:
-            self._capture("merged", task, "zm", first_block)
+            self._capture("merged", task, "zm", first_block, stack)
         for position, task in enumerate(self.tasks):
             self._load_non_block({key: expert_tensor(self.source, key, position) for key in self.non_block_keys})
-            self._capture("expert", task, "zi", first_block)
+            self._capture("expert", task, "zi", first_block, stack)
         self._load_non_block(merged_non_block)
-        return merged_non_block
+
+    @torch.no_grad()
+    def _next_stack(self, stack: int, merged_non_block: dict[str, torch.Tensor]) -> None:
+        """Keep the finished stack's final hidden states (both streams) and capture the next stack's inputs,
+        built from them: the decoder's cross-attention then reads each stream's own encoder output."""
+        for task in self.tasks:
+            for ref in self.streams.local_refs(task):
+                for kind in ("zm", "zi"):
+                    self.cache.rename((kind, task, ref.batch), ("final", stack - 1, kind, task, ref.batch))
+        self._capture_stack(stack, merged_non_block)
+
+    def _merged_non_block(self, key: str) -> torch.Tensor:
+        """Task Arithmetic at the run's λ, or the weight given in ``non_block_weights``."""
+        if self.non_block_weights is not None and key in self.non_block_weights:
+            given = self.non_block_weights[key]
+            base = self.source.base(key)
+            return given.to(base.dtype) if given.is_floating_point() else given
+        return non_block_tensor(key, self.source.base(key), self._each_expert(key), self.scaling)
 
     def _each_expert(self, key: str) -> Iterator[torch.Tensor]:
         """The experts' tensors for ``key``, read one at a time (a non-block tensor can be the vocabulary
@@ -383,25 +450,39 @@ class BlockEngine:
             yield expert_tensor(self.source, key, position)
 
     # ----------------------------------------------------------------- streaming
+    def _handed_on(self, index: int) -> tuple[int, ...]:
+        """The outputs block ``index`` hands on to the next block of its stack (usually none)."""
+        stack = self.plan.stack_of(index)
+        last = self.plan.stack_blocks(stack)[-1]
+        return self.carried.get(stack, ()) if index != last else ()
+
     @torch.no_grad()
     def _expert_outputs(self, index: int, module: nn.Module, experts: dict[str, dict]) -> None:
+        handed_on = self._handed_on(index)
         for task in self.tasks:
             for ref in self.streams.local_refs(task):
                 hidden = self.cache.get(("zi", task, ref.batch)).to(self.device)
                 extra = self.streams.extra("expert", task, ref.batch, index, self.device)
-                self.cache.put(("yi", task, ref.batch),
-                               call_block(module, experts[task], hidden, extra, self.dtype))
+                output = call_block_outputs(module, experts[task], hidden, extra, self.dtype)
+                self.cache.put(("yi", task, ref.batch), hidden_of(output))
+                if handed_on:      # the expert stream's own, used from the next block on
+                    self.streams.put_carried("expert", task, ref.batch, outputs_at(output, handed_on), pending=True)
 
     @torch.no_grad()
     def _push(self, index: int, module: nn.Module, merged: dict[str, torch.Tensor] | None) -> None:
         """z_m ← Block(W*; z_m) and z_i ← Block(θ_i; z_i) (already computed as the expert outputs)."""
+        handed_on = self._handed_on(index)
         for task in self.tasks:
             for ref in self.streams.local_refs(task):
                 if merged is not None:
                     hidden = self.cache.get(("zm", task, ref.batch)).to(self.device)
                     extra = self.streams.extra("merged", task, ref.batch, index, self.device)
-                    self.cache.put(("zm", task, ref.batch), call_block(module, merged, hidden, extra, self.dtype))
+                    output = call_block_outputs(module, merged, hidden, extra, self.dtype)
+                    self.cache.put(("zm", task, ref.batch), hidden_of(output))
+                    if handed_on:
+                        self.streams.put_carried("merged", task, ref.batch, outputs_at(output, handed_on))
                 self.cache.rename(("yi", task, ref.batch), ("zi", task, ref.batch))
+                self.streams.commit_carried("expert", task, ref.batch, handed_on)
 
     def _normalise(self, index: int, result) -> BlockResult:
         if isinstance(result, Mapping):
@@ -441,7 +522,8 @@ class BlockEngine:
         block_seconds: list[float] = []
         try:
             with torch.no_grad():
-                sink.non_block(self.capture())
+                merged_non_block = self.capture()
+                sink.non_block(merged_non_block)
             capture_seconds = time.perf_counter() - started
             if self.network:
                 block_stats = self._run_network(sink, block_seconds)
@@ -450,6 +532,8 @@ class BlockEngine:
                                            desc=f"{self.merger.name}: blocks", unit="block")
                 for index in progress:
                     block_started = time.perf_counter()
+                    if self.plan.starts_stack(index):
+                        self._next_stack(self.plan.stack_of(index), merged_non_block)
                     result = self._block(index, checkpoint, finished, block_started)
                     sink.block(index, self.plan.prefix(index), result)
                     block_stats.append(result.stats)
@@ -514,6 +598,7 @@ class BlockEngine:
         generator = torch.Generator().manual_seed(seed)
         ctx = NetworkContext(list(self.plan.blocks), modules, bases, experts_per_block, self.tasks, self.streams,
                              self.device, generator, self.dtype, self.parallel)
+        ctx.carried = self.carried.get(0, ())
         ctx.quiet = self.quiet
         started = time.perf_counter()
         results = list(self.merger.merge_network(ctx))
@@ -536,13 +621,15 @@ def run_engine(model: nn.Module, weights, data: Mapping[str, Sequence[Mapping]],
     ``model`` is a template of the architecture (its non-block weights are overwritten; its
     parameters may live on the meta device); ``weights`` an ExpertSet or WeightSource named like the
     template's state dict; ``data`` maps each task to a list of model-input batches (dicts passed as
-    ``model(**batch)``). Options: ``plan`` or ``block_plan`` (override mapping), ``scaling`` (Task
+    ``model(**batch)``). Options: ``plan`` or ``block_plan`` (override mapping), ``block_granularity``
+    (``layer`` or ``stage`` for hierarchical models, see ``BlockPlan.from_model``), ``scaling`` (Task
     Arithmetic λ of the non-block weights), ``cache_budget`` (bytes of RAM for activations),
     ``spill_dir``, ``device`` (cpu, cuda, cuda:N, auto), ``compute_dtype`` (float32, bfloat16),
     ``seed``, ``checkpoint_dir`` and ``resume``, ``quiet``, ``sink`` (where finished weights go; by
     default they are collected into the result), ``parallel`` (a DataParallel rank),
     ``regroup_by_length`` (default True: right-padded token batches are regrouped by length and
-    trimmed, ``layermerge.engine.batching``).
+    trimmed, ``layermerge.engine.batching``), ``non_block_weights`` (merged values for non-block
+    weights, in place of Task Arithmetic: ``layermerge.engine.diagnostics.block_errors``).
     """
     if options.get("resume") and not options.get("checkpoint_dir"):
         raise ConfigError("resume=True needs checkpoint_dir: the folder the interrupted run wrote its "

@@ -72,7 +72,7 @@ class ExpertSetSource:
     module's ``layers.0.attention.q_proj``); only template names with a checkpoint key are listed.
     """
 
-    def __init__(self, expert_set, key_map: dict[str, str] | None = None):
+    def __init__(self, expert_set, key_map: dict[str, str] | None = None, layouts: dict | None = None):
         self.expert_set = expert_set
         self.tasks = list(expert_set.names)
         merge_keys = list(expert_set.report.merge_keys)
@@ -81,14 +81,22 @@ class ExpertSetSource:
         else:
             available = set(merge_keys)
             self._to_checkpoint = {name: key for name, key in key_map.items() if key in available}
-        self._keys = list(self._to_checkpoint)
+        # Template keys fused from several checkpoint tensors (layermerge.engine.layouts.FusedLayout).
+        self.layouts = {key: layout for key, layout in (layouts or {}).items() if key not in self._to_checkpoint}
+        self._keys = list(self._to_checkpoint) + list(self.layouts)
 
     def keys(self) -> list[str]:
         return self._keys
 
     def checkpoint_key(self, key: str) -> str:
-        """The checkpoint (base) name of template key ``key``."""
-        return self._to_checkpoint[key]
+        """The checkpoint (base) name of template key ``key`` (a fused key keeps its template name)."""
+        return self._to_checkpoint.get(key, key)
+
+    def checkpoint_tensors(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{checkpoint key: tensor} of a template tensor: itself under its checkpoint name, or its pieces."""
+        if key in self.layouts:
+            return self.layouts[key].split(tensor)
+        return {self._to_checkpoint[key]: tensor}
 
     def _grown(self, checkpoint_key: str) -> bool:
         """A vocabulary tensor of an output vocabulary that grew: read in the output's rows."""
@@ -96,17 +104,22 @@ class ExpertSetSource:
         return expert_set.vocabulary is not None and checkpoint_key in expert_set.report.vocab_keys
 
     def base(self, key: str) -> torch.Tensor:
+        if key in self.layouts:
+            return _as_float(self.layouts[key].assemble(self.expert_set.base_tensor))
         if self._grown(self._to_checkpoint[key]):
             return _as_float(self.expert_set.vocabulary_view(self._to_checkpoint[key]))
         return _as_float(self.expert_set.base_tensor(self._to_checkpoint[key]))
 
     def experts(self, key: str) -> list[torch.Tensor]:
-        if self._grown(self._to_checkpoint[key]):
+        if key in self.layouts or self._grown(self._to_checkpoint[key]):
             return [self.expert(key, position) for position in range(len(self.expert_set.experts))]
         return [_as_float(t) for t in self.expert_set.expert_tensors(self._to_checkpoint[key])]
 
     def expert(self, key: str, position: int) -> torch.Tensor:
         """Only expert ``position``'s tensor (reading one expert at a time keeps memory down)."""
+        if key in self.layouts:
+            reader = self.expert_set.experts[position]
+            return _as_float(self.layouts[key].assemble(reader.get))
         if self._grown(self._to_checkpoint[key]):
             return _as_float(self.expert_set.vocabulary_view(self._to_checkpoint[key], position))
         expert = self.expert_set.experts[position]

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from layermerge.engine.layouts import FusedLayout, fused_layouts
 from layermerge.errors import ConfigError
 from layermerge.experts import ExpertSet, detect_prefix
 
@@ -99,3 +100,28 @@ def checkpoint_key_map(model: nn.Module, checkpoint_keys: list[str]) -> dict[str
     available = set(checkpoint_keys)
     prefix = detect_prefix(set(names.values()), checkpoint_keys)     # a task-model base: 'bert.' etc.
     return {key: prefix + name for key, name in names.items() if prefix + name in available}
+
+
+def fused_key_layouts(model: nn.Module, expert_set: ExpertSet, key_map: dict[str, str]) -> dict[str, FusedLayout]:
+    """Template keys that transformers fuses from several checkpoint tensors (MoE experts), with where their
+    elements are stored (``layermerge.engine.layouts``); empty for models without such conversions."""
+    if "transformers" not in sys.modules:
+        return {}
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    merge_keys = list(expert_set.report.merge_keys)
+    available = set(merge_keys)
+    reference, reference_prefix = expert_set.reference, expert_set.reference_prefix
+    mapped = set(key_map)
+    candidates = [key for key in model.state_dict() if key not in mapped]
+    if not candidates:
+        return {}
+    names = transformers_names(model)
+    prefix = detect_prefix(set(names.values()), merge_keys)
+
+    def checkpoint_shape(key: str):
+        return tuple(reference.shape(reference_prefix + key)) if key in available else None
+
+    return fused_layouts(model, candidates, checkpoint_shape, checkpoint_prefix=prefix)

@@ -19,6 +19,70 @@ class Slot:
     index: int
 
 
+@dataclass(frozen=True)
+class Carried:
+    """Placeholder for an extra block argument that is the previous block's output number ``position``
+    (T5's position bias: the first block computes it from its own weights, every later block receives
+    it), filled per stream from that stream's own previous block."""
+
+    position: int
+
+
+def replace_carried(tree: Any, carried: dict[int, torch.Tensor]) -> Any:
+    """The tree with each tensor that *is* ``carried[j]`` (by identity) replaced by ``Carried(j)``."""
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            for position, tensor in carried.items():
+                if node is tensor:
+                    return Carried(position)
+            return node
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(walk(item) for item in node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(item) for item in node)
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        return node
+
+    return walk(tree)
+
+
+def carried_positions(tree: Any) -> set[int]:
+    """The previous-block output positions a tree's ``Carried`` placeholders name."""
+    found: set[int] = set()
+
+    def walk(node):
+        if isinstance(node, Carried):
+            found.add(node.position)
+        elif isinstance(node, (tuple, list)):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+
+    walk(tree)
+    return found
+
+
+def fill_carried(tree: Any, values: dict[int, torch.Tensor]) -> Any:
+    """The tree with each ``Carried(j)`` replaced by ``values[j]``."""
+
+    def walk(node):
+        if isinstance(node, Carried):
+            return values[node.position]
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(walk(item) for item in node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(item) for item in node)
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        return node
+
+    return walk(tree)
+
+
 def split_tensors(tree: Any) -> tuple[Any, list[torch.Tensor]]:
     """``(skeleton, tensors)``: the tree with each tensor replaced by a Slot, and the tensors in order."""
     tensors: list[torch.Tensor] = []

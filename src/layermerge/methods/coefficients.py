@@ -110,9 +110,3 @@ def combine(start: torch.Tensor, delta: torch.Tensor, vectors: torch.Tensor) -> 
     return _Combine.apply(start, delta, vectors)
 
 
-def squared_error(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """‖output − target‖² summed over tokens and features (in fp32), padding tokens left out."""
-    squared = (output.float() - target.float()).pow(2)
-    if mask is not None:
-        squared = squared * mask.reshape(*mask.shape, *([1] * (squared.dim() - mask.dim()))).to(squared.dtype)
-    return squared.sum()

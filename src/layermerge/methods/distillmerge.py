@@ -21,8 +21,9 @@ from pydantic import Field
 from torch import nn
 
 from layermerge.engine import BlockResult
+from layermerge.engine.diagnostics import squared_error
 from layermerge.methods.base import DataDrivenMethod
-from layermerge.methods.coefficients import MergingCoefficients, squared_error
+from layermerge.methods.coefficients import MergingCoefficients
 from layermerge.methods.fitting import Patience, StoppingRule, Tolerance, TrainPrecision, fit, resolve_precision
 from layermerge.methods.registry import MethodParams, register
 

@@ -25,8 +25,9 @@ import torch
 from pydantic import Field
 
 from layermerge.engine import BlockResult, run_engine
+from layermerge.engine.diagnostics import squared_error
 from layermerge.methods.base import DataDrivenMethod
-from layermerge.methods.coefficients import MergingCoefficients, squared_error
+from layermerge.methods.coefficients import MergingCoefficients
 from layermerge.methods.fitting import Patience, StoppingRule, Tolerance, TrainPrecision, fit, resolve_precision
 from layermerge.methods.registry import MethodParams, register
 

@@ -69,8 +69,11 @@ class EngineConfig(BaseModel):
     checkpoint_dir: str | None = Field(None, description="checkpoint folder (default: OUTPUT.checkpoint)")
     keep_checkpoint: bool = Field(False, description="keep the checkpoint folder after a successful run")
     resume: bool = Field(False, description="continue an interrupted run from its last finished block")
-    block_plan: dict | None = Field(None, description="module paths {embedding, blocks, head} for models "
-                                                      "the block plan introspection does not understand")
+    block_plan: dict | None = Field(None, description="module paths {embedding, blocks, head} (or {stacks}) for "
+                                                      "models the block plan introspection does not understand")
+    block_granularity: Literal["layer", "stage"] = Field(
+        "layer", description="hierarchical vision models (Swin, ConvNeXt, ResNet): every layer a block (memory: "
+                             "one layer) or every stage a block")
     plot_coefficients: bool = Field(False, description="also write <method>/coefficients.png")
 
     @field_validator("cache_budget")

@@ -19,7 +19,7 @@ from layermerge import distributed
 from layermerge.coefficient_plot import BLOCKS_FILE, block_coefficient_stats, plot_coefficients
 from layermerge.engine import DiscardingSink, ExpertSetSource, non_block_tensor, run_engine
 from layermerge.engine.context import BlockResult
-from layermerge.engine.template import build_template, checkpoint_key_map
+from layermerge.engine.template import build_template, checkpoint_key_map, fused_key_layouts
 from layermerge.errors import ConfigError
 from layermerge.experts import ExpertSet
 from layermerge.fewshot import adapt_batches, data_record, describe, few_shot_inputs, task_records
@@ -45,10 +45,10 @@ class OutputSink:
         self.coefficients = None
 
     def add(self, template_key: str, tensor: torch.Tensor) -> None:
-        key = self.source.checkpoint_key(template_key)
-        dtype = self.out_dtype or self.reference.dtype(self.ref_prefix + key)
-        self.writer.add_tensor(key, tensor.detach().to("cpu", dtype))
-        self.written.add(key)
+        for key, part in self.source.checkpoint_tensors(template_key, tensor.detach().to("cpu")).items():
+            dtype = self.out_dtype or self.reference.dtype(self.ref_prefix + key)
+            self.writer.add_tensor(key, part.to(dtype))
+            self.written.add(key)
 
     def non_block(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, tensor in tensors.items():
@@ -121,11 +121,13 @@ class BlockStrategy(Strategy):
         else:
             self.scaling = float(getattr(plan.params, "init", 0.3))
         self.model = build_template(expert_set, plan.template)
-        self.source = ExpertSetSource(expert_set, checkpoint_key_map(self.model, expert_set.report.merge_keys))
+        key_map = checkpoint_key_map(self.model, expert_set.report.merge_keys)
+        self.source = ExpertSetSource(expert_set, key_map, fused_key_layouts(self.model, expert_set, key_map))
         self.batches = adapt_batches(self.model, few_shot_inputs(plan.data, expert_set))
         self.checkpoint_dir = checkpoint_folder(engine, plan.output, network)
         check_engine_folders(engine, self.checkpoint_dir, expert_set.input_paths())
-        self.options = {"block_plan": engine.block_plan, "scaling": self.scaling,
+        self.options = {"block_plan": engine.block_plan, "block_granularity": engine.block_granularity,
+                        "scaling": self.scaling,
                         "cache_budget": cache_budget_bytes(engine.cache_budget), "spill_dir": engine.spill_dir,
                         "device": engine.device, "compute_dtype": engine.compute_dtype, "seed": engine.seed,
                         "regroup_by_length": engine.regroup_by_length,
@@ -192,7 +194,8 @@ def check_engine_folders(engine, checkpoint_dir: Path | None, inputs: list[Path]
 def engine_summary(result, batches, leftovers: list[str]) -> dict:
     summary = {key: value for key, value in result.summary.items() if key not in ("plan", "block_seconds")}
     summary["block_plan"] = {"source": result.plan.source, "blocks": len(result.plan),
-                             "first": result.plan.blocks[0], "last": result.plan.blocks[-1]}
+                             "first": result.plan.blocks[0], "last": result.plan.blocks[-1],
+                             "stack_starts": list(result.plan.stack_starts)}
     summary["data"] = describe(batches)
     summary["loss_final_per_block"] = [stats.get("loss_final") for stats in result.block_stats]
     if leftovers:

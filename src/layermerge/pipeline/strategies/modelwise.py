@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layermerge.engine.template import checkpoint_key_map
+from layermerge.engine.layouts import FusedLayout, fused_layouts
+from layermerge.engine.template import checkpoint_key_map, transformers_names
 from layermerge.errors import CheckpointError, ConfigError, DataError
-from layermerge.experts import ExpertSet
+from layermerge.experts import ExpertSet, detect_prefix
 from layermerge.methods.base import ModelMergeResult
 from layermerge.norm_stats import experts_mean_statistics
 from layermerge.pipeline.strategies.base import Outcome, Strategy
@@ -106,6 +107,8 @@ class ModelContext:
         self._batches = {task: [_to_device(b, device) for b in batches[task]] for task in self.tasks}
         self._models: dict[str, nn.Module] = {}
         self._names: dict[str, dict[str, str]] = {}
+        # Per task: module tensors transformers fused from several merge keys (MoE experts), by module name.
+        self._fused: dict[str, dict[str, FusedLayout]] = {}
 
     # ----------------------------------------------------------------- data and weights
     def batches(self, task: str) -> list[dict[str, torch.Tensor]]:
@@ -148,10 +151,13 @@ class ModelContext:
 
     def parameter_keys(self, task: str) -> list[str]:
         """The merge keys that are trainable parameters of ``task_model(task)`` (not buffers such as
-        BatchNorm statistics, which take no gradient)."""
+        BatchNorm statistics, which take no gradient), pieces of fused module tensors included."""
         model = self.task_model(task)
         parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-        return [key for key, name in self._names[task].items() if name in parameters]
+        keys = [key for key, name in self._names[task].items() if name in parameters]
+        keys += [piece.key for name, layout in self._fused[task].items() if name in parameters
+                 for piece in layout.pieces]
+        return keys
 
     def release(self, task: str) -> None:
         """Drop ``task``'s cached model (a method that visits experts one at a time keeps one in memory)."""
@@ -170,12 +176,31 @@ class ModelContext:
         # Integer buffers an older checkpoint stores but the model no longer registers (position_ids)
         # need no swapping: they are not learned and are saved as the base has them.
         reference, ref_prefix = self.expert_set.reference, self.expert_set.reference_prefix
+        self._fused[task] = self._fused_layouts(model, prefix, set(names.values()))
+        fused = {piece.key for layout in self._fused[task].values() for piece in layout.pieces}
         missing = [key for key in self.merge_keys
-                   if key not in names and reference.dtype(ref_prefix + key).is_floating_point]
+                   if key not in names and key not in fused and reference.dtype(ref_prefix + key).is_floating_point]
         if missing:
             raise CheckpointError(f"expert '{task}': its task model has no parameter for backbone keys "
                                   f"{missing[:5]} (prefix '{prefix}'); is its config the base's architecture?")
         return names
+
+    def _fused_layouts(self, model: nn.Module, prefix: str, named: set[str]) -> dict[str, FusedLayout]:
+        """Module tensors built from several merge keys, with pieces named by merge key (prefix removed)."""
+        reference, ref_prefix = self.expert_set.reference, self.expert_set.reference_prefix
+        available = self._merge_key_set
+
+        def shape(key: str):
+            key = key[len(prefix):] if prefix and key.startswith(prefix) else key
+            return tuple(reference.shape(ref_prefix + key)) if key in available else None
+
+        candidates = [name for name in model.state_dict() if name not in named]
+        found = fused_layouts(model, candidates, shape, checkpoint_prefix=detect_prefix(
+            set(transformers_names(model).values()), [prefix + key for key in self.merge_keys]))
+        return {name: FusedLayout(layout.shape, tuple(
+                    type(piece)(piece.key[len(prefix):] if prefix and piece.key.startswith(prefix) else piece.key,
+                                piece.shape, piece.index) for piece in layout.pieces))
+                for name, layout in found.items()}
 
     def _call(self, task: str, backbone: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
               capture_head_input: bool = False) -> torch.Tensor:
@@ -187,6 +212,7 @@ class ModelContext:
         if unknown:
             raise KeyError(f"backbone keys {unknown[:5]} are not merge keys of this expert set")
         overrides = {names[key]: tensor for key, tensor in backbone.items() if key in names}
+        overrides.update(fused_overrides(model, self._fused[task], backbone))
         captured: list[torch.Tensor] = []
         handle = None
         if capture_head_input:
@@ -215,6 +241,25 @@ class ModelContext:
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None):
         return progress(iterable, desc=desc, total=total, disable=self.quiet, leave=False)
+
+
+def fused_overrides(model: nn.Module, layouts: Mapping[str, FusedLayout],
+                    backbone: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module tensors assembled (differentiably) from the merge keys in ``backbone`` that are pieces of
+    fused tensors; pieces ``backbone`` lacks keep the model's own values."""
+    overrides = {}
+    state = None
+    for name, layout in layouts.items():
+        given = [piece for piece in layout.pieces if piece.key in backbone]
+        if not given:
+            continue
+        if state is None:
+            state = model.state_dict(keep_vars=True)
+        flat = state[name].detach().reshape(-1)
+        for piece in given:
+            flat = flat.index_put((piece.index.to(flat.device),), backbone[piece.key].reshape(-1).to(flat.dtype))
+        overrides[name] = flat.reshape(layout.shape)
+    return overrides
 
 
 def final_linear(model: nn.Module) -> nn.Linear:
