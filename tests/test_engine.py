@@ -437,6 +437,77 @@ def test_blocks_called_twice_are_refused():
                    {"a": [{"x": torch.ones(1, 4)}]}, BlockTaskArithmetic())
 
 
+def test_a_last_block_called_again_is_refused():
+    """ALBERT runs its one shared layer group once per layer: the plan's last (only) block is called again
+    after the capture pass would stop, so the first capture runs the model to its end to see it."""
+
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4)])
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            for _ in range(3):
+                x = self.layers[0](x)
+            return self.head(x)
+
+    base = Looped()
+    with pytest.raises(BlockPlanError, match=r"not called once each in plan order \(calls: \[0, 0\]"):
+        run_engine(copy.deepcopy(base), StateDictSource.from_models(base, {"a": perturbed(base, 1)}),
+                   {"a": [{"x": torch.ones(2, 4)}]}, BlockTaskArithmetic())
+
+
+def test_blocks_returning_dicts_are_refused():
+    class DictBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"feature_map": self.linear(x)}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([DictBlock(), DictBlock()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)["feature_map"]
+            return x
+
+    base = Net()
+    with pytest.raises(BlockPlanError, match="returns a dict"):
+        run_engine(copy.deepcopy(base), StateDictSource.from_models(base, {"a": base}),
+                   {"a": [{"x": torch.ones(2, 4)}]}, BlockTaskArithmetic())
+
+
+def test_key_value_caches_are_never_replayed():
+    """A cache object a model builds (even with use_cache=False) grows at every call; blocks get None."""
+    from transformers import DynamicCache
+
+    from layermerge.engine.capture import without_caches
+
+    cache = DynamicCache()
+    args, kwargs = without_caches((torch.ones(1), cache), {"cache": cache, "mask": None, "scale": 2})
+    assert args[1] is None and kwargs == {"cache": None, "mask": None, "scale": 2}
+
+
+def test_group_norm_blocks_keep_the_default_layout():
+    """torch 2.13's CPU GroupNorm backward crashes on channels-last inputs, so such blocks are not converted."""
+    from layermerge.engine.capture import call_block_outputs
+
+    seen = []
+    block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4))
+    block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    call_block_outputs(block, None, torch.randn(1, 4, 3, 3), ((), {}))
+    plain = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    plain.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    call_block_outputs(plain, None, torch.randn(1, 4, 3, 3), ((), {}))
+    assert seen == [True, False]          # GroupNorm: as given; otherwise channels-last
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
 def test_task_arithmetic_tensor_streams_experts_and_matches_the_stacked_sum(count, monkeypatch):
     """Summing task vectors one expert at a time, in slices, gives θ0 + λ Σ τ bit for bit as the stacked

@@ -206,3 +206,29 @@ def test_recomputing_expert_outputs_gives_the_same_result(input_mode):
         assert torch.equal(every_step.state_dict[key], tensor), key
     assert once.block_stats == every_step.block_stats
     assert "recompute_expert_outputs" not in ProDistill(ProDistill.Params(recompute_expert_outputs=True)).config()
+
+
+def test_auto_precision_falls_back_to_float32_when_bfloat16_fails(monkeypatch):
+    """'auto' picks bfloat16 on CPUs with native bfloat16 matmuls; a block that cannot run in it (DeBERTa's
+    attention overflows, X-MOD's adapters mix dtypes) trains in float32 instead of failing the merge."""
+    import layermerge.methods.prodistill as module
+
+    real_fit = module.fit
+    tried = []
+
+    def fit(*args, precision="float32", **kwargs):
+        tried.append(precision)
+        if precision == "bfloat16":
+            raise RuntimeError("expected scalar type BFloat16 but found Float")
+        return real_fit(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(module, "fit", fit)
+    monkeypatch.setattr(module, "resolve_precision", lambda precision, device, block: "bfloat16")
+    base, experts, data = setup_toy()
+    result = prodistill_merge(copy.deepcopy(base), StateDictSource.from_models(base, experts), data, epochs=3)
+    assert tried == ["bfloat16", "float32"] * len(result.plan)
+    stats = result.block_stats[0]
+    assert stats["train_precision"] == "float32" and "expected scalar type" in stats["precision_fallback"]
+    with pytest.raises(RuntimeError, match="expected scalar type"):      # a precision the user chose is kept
+        prodistill_merge(copy.deepcopy(base), StateDictSource.from_models(base, experts), data, epochs=3,
+                         train_precision="bfloat16")

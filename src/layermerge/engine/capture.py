@@ -19,6 +19,7 @@ list over an encoder and a decoder) is refused, never trained.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +126,7 @@ def call_block_outputs(block: nn.Module, params: dict[str, torch.Tensor] | None,
     on (1.3-2.2x for EfficientNet blocks here, docs/BENCHMARKS.md); the values are the same.
     """
     args, kwargs = extra
-    if hidden.dim() == 4 and has_convolutions(block):
+    if hidden.dim() == 4 and has_convolutions(block) and not has_group_norm(block):
         hidden = hidden.contiguous(memory_format=torch.channels_last)
     if params is None:
         return block(hidden, *args, **kwargs)
@@ -163,6 +164,25 @@ def check_chain(model: nn.Module, plan: BlockPlan, indices: range, inputs: list[
             "after another, each output feeding the next.")
 
 
+def is_cache(value: Any) -> bool:
+    """A key/value cache object (transformers' ``Cache`` classes): stateful, it grows at every call."""
+    return any(cls.__name__ == "Cache" for cls in type(value).__mro__) and callable(getattr(value, "update", None))
+
+
+def without_caches(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block call's extra arguments with key/value caches replaced by None. A model may build one even
+    with ``use_cache=False`` (Switch Transformers' decoder); replayed on every call it would append the
+    keys again and again."""
+    return (tuple(None if is_cache(value) else value for value in args),
+            {key: None if is_cache(value) else value for key, value in kwargs.items()})
+
+
+def has_group_norm(block: nn.Module) -> bool:
+    """Whether ``block`` holds a GroupNorm: its inputs stay in the default layout, because torch 2.13's CPU
+    GroupNorm backward crashes (a segmentation fault) on a channels-last input that takes no gradient."""
+    return any(isinstance(module, nn.GroupNorm) for module in block.modules())
+
+
 def model_call_options(model: nn.Module) -> dict:
     """Keyword arguments that switch off caches for models whose forward accepts them."""
     try:
@@ -188,13 +208,18 @@ def replayer(block: nn.Module, output: torch.Tensor | None, output_format: int |
 def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any],
                          first_block_params: dict[str, torch.Tensor] | None = None, *, stack: int = 0,
                          replay: dict[int, torch.Tensor] | None = None,
-                         replay_formats: dict[int, int | None] | None = None) -> BlockInputs:
+                         replay_formats: dict[int, int | None] | None = None,
+                         run_to_end: bool = False) -> BlockInputs:
     """Run ``model(**batch)`` with recorders in place of the blocks of ``stack``; return what they received.
 
     ``first_block_params`` are weights for the one real call of the stack's first block (which teaches
     the recorders the blocks' output format); pass them when the template's blocks live on the meta
     device. For ``stack > 0``, ``replay[j]`` is stack ``j``'s final hidden states for this batch and
     stream and ``replay_formats[j]`` its blocks' output format.
+
+    The pass stops at the stack's last block, unless ``run_to_end`` (for the last stack, once per run):
+    then the model runs on to its end, so a block it calls again (ALBERT's one shared layer, run once
+    per layer) is seen and refused instead of being merged as if it ran once.
     """
     indices = plan.stack_blocks(stack)
     blocks = [model.get_submodule(plan.blocks[index]) for index in indices]
@@ -208,6 +233,7 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
     calls: list[tuple[int, torch.Tensor, tuple, dict]] = []
     output_format: list[int | None] = []
     first_outputs: list[Any] = []          # the first block's outputs after the hidden states
+    reached_end: list[bool] = []           # run_to_end: the last block was called
 
     def recorder(index: int, block: nn.Module):
         real_forward = block.forward
@@ -215,7 +241,7 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
 
         def record(*args, **kwargs):
             hidden, rest, other = split_hidden(args, kwargs, hidden_name)
-            calls.append((index, hidden, rest, other))
+            calls.append((index, hidden, *without_caches(rest, other)))
             if not output_format:
                 # Learn the output format once from a real call (its values are not used).
                 if first_block_params is None:
@@ -226,10 +252,19 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
                         real = torch.func.functional_call(block, first_block_params, args, kwargs, strict=False)
                     finally:
                         block.forward = record
+                if isinstance(real, Mapping):
+                    raise BlockPlanError(
+                        f"{type(block).__name__} returns a dict ({sorted(real)[:4]}), not its hidden states or a "
+                        "tuple starting with them; the engine streams each block's first output into the next, "
+                        "so this family's blocks cannot be streamed (data-free methods merge it)")
                 output_format.append(None if isinstance(real, torch.Tensor) else len(tuple(real)))
                 first_outputs.extend(tuple(real)[1:] if output_format[0] is not None else ())
+            if reached_end:
+                raise _StopForward           # a block called again after the last: refused below
             if index == len(blocks) - 1:
-                raise _StopForward
+                if not run_to_end:
+                    raise _StopForward
+                reached_end.append(True)
             if output_format[0] is None:
                 return hidden
             # Every later block hands on the first block's extra outputs, as blocks that pass on what
@@ -245,6 +280,11 @@ def capture_block_inputs(model: nn.Module, plan: BlockPlan, batch: dict[str, Any
             model(**batch, **model_call_options(model))
     except _StopForward:
         pass
+    except Exception:
+        if not reached_end:
+            raise
+        # What follows the last block ran on recorded (not computed) hidden states and may fail on them;
+        # only whether a block was called again matters here.
     finally:
         for block in [*blocks, *earlier]:
             del block.forward

@@ -384,8 +384,9 @@ class BlockEngine:
             batch = map_tensors(dict(batch), lambda t: t.to(self.device))
             replay = {earlier: self.cache.get(("final", earlier, kind, task, position)).to(self.device)
                       for earlier in range(stack)}
+            first_capture = stack == self.plan.stacks - 1 and stack not in self.output_formats
             inputs = capture_block_inputs(self.model, self.plan, batch, first_block, stack=stack, replay=replay,
-                                          replay_formats=self.output_formats)
+                                          replay_formats=self.output_formats, run_to_end=first_capture)
             self.output_formats.setdefault(stack, inputs.output_format)
             self.carried[stack] = tuple(sorted(set(self.carried.get(stack, ())) | set(inputs.carried)))
             expected = self.streams.refs[task][position].size

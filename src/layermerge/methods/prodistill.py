@@ -76,8 +76,21 @@ class ProDistill(DataDrivenMethod):
             return sum(scale[ref.task] * self._error(ctx, weights, ref, targets) for ref in refs)
 
         precision = resolve_precision(p.train_precision, ctx.device, ctx.module)
-        losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
-                     stop=StoppingRule(p.patience, p.tolerance), precision=precision)
+        fallback = None
+        try:
+            losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                         stop=StoppingRule(p.patience, p.tolerance), precision=precision)
+        except RuntimeError as exc:
+            if p.train_precision != "auto" or precision == "float32":
+                raise
+            # 'auto' chose bfloat16, which some blocks cannot run (DeBERTa's attention overflows, X-MOD's
+            # adapters mix dtypes): this block trains in float32 from the same start instead.
+            fallback = f"bfloat16 failed ({str(exc).strip().splitlines()[0][:120]}); trained in float32"
+            precision = "float32"
+            coefficients = MergingCoefficients(ctx.module, ctx.base, ctx.experts, ctx.tasks, p.init, p.granularity,
+                                               ctx.device)
+            losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                         stop=StoppingRule(p.patience, p.tolerance), precision=precision)
         final = coefficients.final()
         with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
@@ -85,7 +98,7 @@ class ProDistill(DataDrivenMethod):
         stats = {"loss_first_epoch": losses[0] if losses else None,
                  "loss_last_epoch": losses[-1] if losses else None,
                  "loss_final": ctx.sum(local_loss), "epochs_run": len(losses), "epoch_losses": losses,
-                 "train_precision": precision}
+                 "train_precision": precision, **({"precision_fallback": fallback} if fallback else {})}
         return BlockResult(final, coefficients.artifacts(), stats)
 
     # ----------------------------------------------------------------- pieces
