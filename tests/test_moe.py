@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import perturb_
 from safetensors.torch import load_file
 
 import layermerge
@@ -27,13 +28,9 @@ MOE = {
 }
 
 
-def perturbed(model, seed: int, scale: float = 0.05):
-    expert = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in expert.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
-    return expert.eval()
+def perturbed(model, seed: int):
+    """An expert: a copy of ``model`` with seeded noise (conftest's ``perturb_``) on every parameter."""
+    return perturb_(copy.deepcopy(model), seed, scale=0.05).eval()
 
 
 @pytest.fixture(scope="module", params=sorted(MOE))

@@ -393,7 +393,8 @@ class BlockEngine:
             if inputs.hidden.dim() == 0 or inputs.hidden.shape[0] != expected:
                 raise DataError(f"task '{task}' batch {position}: its inputs hold {expected} examples but the "
                                 f"first block received hidden states of shape {tuple(inputs.hidden.shape)}; "
-                                "give batches whose tensors all have the examples along dimension 0")
+                                "give batches whose tensors all have the examples along dimension 0 (a model "
+                                "that runs its blocks sequence-first, as XLNet does, cannot be streamed)")
             self.cache.put((kind, task, position), inputs.hidden)
             self.streams.put_extras(stream, task, position, inputs.extras, inputs.extra_index,
                                     self.plan.stack_starts[stack])

@@ -28,95 +28,67 @@ class Carried:
     position: int
 
 
+def map_leaves(tree: Any, fn) -> Any:
+    """The tree (tuples, namedtuples, lists, dicts) with ``fn`` applied to every leaf."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):        # namedtuple
+        return type(tree)(*(map_leaves(item, fn) for item in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_leaves(item, fn) for item in tree)
+    if isinstance(tree, dict):
+        return {key: map_leaves(value, fn) for key, value in tree.items()}
+    return fn(tree)
+
+
 def replace_carried(tree: Any, carried: dict[int, torch.Tensor]) -> Any:
     """The tree with each tensor that *is* ``carried[j]`` (by identity) replaced by ``Carried(j)``."""
+    by_identity = {id(tensor): position for position, tensor in carried.items()}
 
-    def walk(node):
-        if isinstance(node, torch.Tensor):
-            for position, tensor in carried.items():
-                if node is tensor:
-                    return Carried(position)
-            return node
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(item) for item in node))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(item) for item in node)
-        if isinstance(node, dict):
-            return {key: walk(value) for key, value in node.items()}
-        return node
+    def replace(leaf):
+        if isinstance(leaf, torch.Tensor) and id(leaf) in by_identity:
+            return Carried(by_identity[id(leaf)])
+        return leaf
 
-    return walk(tree)
+    return map_leaves(tree, replace)
+
+
+def leaves(tree: Any):
+    """Every leaf of the tree, in order."""
+    if isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from leaves(item)
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from leaves(value)
+    else:
+        yield tree
 
 
 def carried_positions(tree: Any) -> set[int]:
     """The previous-block output positions a tree's ``Carried`` placeholders name."""
-    found: set[int] = set()
-
-    def walk(node):
-        if isinstance(node, Carried):
-            found.add(node.position)
-        elif isinstance(node, (tuple, list)):
-            for item in node:
-                walk(item)
-        elif isinstance(node, dict):
-            for value in node.values():
-                walk(value)
-
-    walk(tree)
-    return found
+    return {leaf.position for leaf in leaves(tree) if isinstance(leaf, Carried)}
 
 
 def fill_carried(tree: Any, values: dict[int, torch.Tensor]) -> Any:
     """The tree with each ``Carried(j)`` replaced by ``values[j]``."""
-
-    def walk(node):
-        if isinstance(node, Carried):
-            return values[node.position]
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(item) for item in node))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(item) for item in node)
-        if isinstance(node, dict):
-            return {key: walk(value) for key, value in node.items()}
-        return node
-
-    return walk(tree)
+    return map_leaves(tree, lambda leaf: values[leaf.position] if isinstance(leaf, Carried) else leaf)
 
 
 def split_tensors(tree: Any) -> tuple[Any, list[torch.Tensor]]:
     """``(skeleton, tensors)``: the tree with each tensor replaced by a Slot, and the tensors in order."""
     tensors: list[torch.Tensor] = []
 
-    def walk(node):
-        if isinstance(node, torch.Tensor):
-            tensors.append(node)
+    def take(leaf):
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
             return Slot(len(tensors) - 1)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):        # namedtuple
-            return type(node)(*(walk(item) for item in node))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(item) for item in node)
-        if isinstance(node, dict):
-            return {key: walk(value) for key, value in node.items()}
-        return node
+        return leaf
 
-    return walk(tree), tensors
+    return map_leaves(tree, take), tensors
 
 
 def fill_tensors(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
     """The inverse of split_tensors."""
-
-    def walk(node):
-        if isinstance(node, Slot):
-            return tensors[node.index]
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(item) for item in node))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(item) for item in node)
-        if isinstance(node, dict):
-            return {key: walk(value) for key, value in node.items()}
-        return node
-
-    return walk(skeleton)
+    return map_leaves(skeleton, lambda leaf: tensors[leaf.index] if isinstance(leaf, Slot) else leaf)
 
 
 def map_tensors(tree: Any, fn) -> Any:
