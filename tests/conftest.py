@@ -38,6 +38,25 @@ def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn
     return model
 
 
+def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """An expert: a copy of ``model`` with seeded noise on every parameter, in eval mode."""
+    import copy
+
+    return perturb_(copy.deepcopy(model), seed, scale).eval()
+
+
+def save_with_experts(base: torch.nn.Module, root: Path, count: int = 2) -> tuple[dict, dict]:
+    """Save ``base`` in ``root/base`` and ``count`` perturbed experts ``t0, t1...`` beside it, as
+    save_pretrained writes them; returns ({task: expert model}, {task: folder})."""
+    base.save_pretrained(root / "base")
+    experts, paths = {}, {}
+    for index in range(count):
+        task = f"t{index}"
+        experts[task], paths[task] = perturbed(base, index + 1), root / task
+        experts[task].save_pretrained(paths[task])
+    return experts, paths
+
+
 def build_family(root: Path, family: str, n_experts: int = 3, task_heads: bool = True) -> tuple[Path, dict[str, Path]]:
     """Save a tiny base (AutoModel) and experts (with classification heads where the family has them)."""
     from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification

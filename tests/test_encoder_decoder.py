@@ -15,7 +15,7 @@ import string
 
 import pytest
 import torch
-from conftest import perturb_
+from conftest import perturbed, save_with_experts
 from safetensors.torch import load_file
 
 import layermerge
@@ -56,11 +56,6 @@ def batches(family: str, seed: int) -> list[dict]:
              **decoder}]
 
 
-def perturbed(model, seed: int):
-    """An expert: a copy of ``model`` with seeded noise (conftest's ``perturb_``) on every parameter."""
-    return perturb_(copy.deepcopy(model), seed, scale=0.05).eval()
-
-
 def task_model(family: str, **overrides):
     import transformers
 
@@ -75,12 +70,7 @@ def saved(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
     base = task_model(family)
-    base.save_pretrained(root / "base")
-    experts, paths = {}, {}
-    for index in range(2):
-        experts[f"t{index}"] = perturbed(base, index + 1)
-        paths[f"t{index}"] = root / f"t{index}"
-        experts[f"t{index}"].save_pretrained(paths[f"t{index}"])
+    experts, paths = save_with_experts(base, root)
     data = {task: batches(family, 10 + index) for index, task in enumerate(paths)}
     return family, root, base, experts, paths, data
 
@@ -159,11 +149,7 @@ def test_tied_embeddings_load_under_any_of_their_names(tmp_path):
     """T5 stores one token embedding (``shared.weight``) that the encoder and decoder use under their own
     names; an override plan used to leave the encoder's copy on the meta device."""
     base = task_model("t5")
-    base.save_pretrained(tmp_path / "base")
-    paths = {}
-    for index in range(2):
-        paths[f"t{index}"] = tmp_path / f"t{index}"
-        perturbed(base, index + 1).save_pretrained(paths[f"t{index}"])
+    _, paths = save_with_experts(base, tmp_path)
     stored = load_file(tmp_path / "base" / "model.safetensors")
     assert "shared.weight" in stored and "encoder.embed_tokens.weight" not in stored
     data = {task: batches("t5", i) for i, task in enumerate(paths)}
@@ -175,19 +161,16 @@ def test_tied_embeddings_load_under_any_of_their_names(tmp_path):
 
 def test_batches_without_decoder_inputs_get_the_decoder_start(tmp_path):
     """Hand-built encoder-only batches: each example's decoder reads its start token."""
-    base = task_model("bart")
-    base.save_pretrained(tmp_path / "base")
-    paths = {"a": tmp_path / "a", "b": tmp_path / "b"}
-    for index, path in enumerate(paths.values()):
-        perturbed(base, index + 1).save_pretrained(path)
-    data = {task: [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                   for batch in batches("bart", i)] for i, task in enumerate(paths)}
     from layermerge.fewshot import adapt_batches
 
+    base = task_model("bart")
+    _, paths = save_with_experts(base, tmp_path)
+    data = {task: [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                   for batch in batches("bart", i)] for i, task in enumerate(paths)}
     adapted = adapt_batches(base.base_model, data)
-    assert adapted["a"][0]["decoder_input_ids"].tolist() == [[CONFIGS["bart"]["decoder_start_token_id"]]] * 3
+    assert adapted["t0"][0]["decoder_input_ids"].tolist() == [[CONFIGS["bart"]["decoder_start_token_id"]]] * 3
     merged = layermerge.merge(tmp_path / "base", paths, method="prodistill", data=data, epochs=1, quiet=True)
-    assert merged.summary["data"] == {"a": {"batches": 1, "examples": 3}, "b": {"batches": 1, "examples": 3}}
+    assert merged.summary["data"] == {"t0": {"batches": 1, "examples": 3}, "t1": {"batches": 1, "examples": 3}}
     assert merged.summary["block_plan"]["stack_starts"] == [0, 2]
 
 

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb_
+from conftest import save_with_experts
 from safetensors.torch import load_file
 
 import layermerge
@@ -28,11 +28,6 @@ MOE = {
 }
 
 
-def perturbed(model, seed: int):
-    """An expert: a copy of ``model`` with seeded noise (conftest's ``perturb_``) on every parameter."""
-    return perturb_(copy.deepcopy(model), seed, scale=0.05).eval()
-
-
 @pytest.fixture(scope="module", params=sorted(MOE))
 def moe(request, tmp_path_factory):
     """A tiny MoE causal LM and two experts saved in the checkpoint layout (per-expert matrices)."""
@@ -42,12 +37,7 @@ def moe(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**MOE[family])).eval()
-    base.save_pretrained(root / "base")
-    experts, paths = {}, {}
-    for index in range(2):
-        experts[f"t{index}"] = perturbed(base, index + 1)
-        paths[f"t{index}"] = root / f"t{index}"
-        experts[f"t{index}"].save_pretrained(paths[f"t{index}"])
+    experts, paths = save_with_experts(base, root)
     generator = torch.Generator().manual_seed(5)
     data = {task: [{"input_ids": torch.randint(0, 99, (3, 8), generator=generator)}] for task in paths}
     return family, root, base, experts, paths, data
