@@ -27,6 +27,7 @@ METHOD_PARAMS = {
     "fisher": {},
     "df_merge": {"init_points": 2, "iterations": 1},
     "fda": {"anchors": 4, "anchor_steps": 2, "merge_epochs": 1},
+    "fda_block": {"anchors": 4, "anchor_steps": 2, "merge_epochs": 1},
     "adamerging": {"steps": 2},
     "localize_stitch": {"steps": 2},
     "neulig": {"epochs": 2, "loss": "cross_entropy"},

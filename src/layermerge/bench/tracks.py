@@ -93,6 +93,7 @@ BUDGET_NOTES = {
                 "budget: the paper's setting rebuilds every Fisher for each of its 60 candidates)",
     "fda": "40 AdamW steps per expert's anchors instead of 1,200 (CPU budget: the paper's 1,200 take about 6 hours "
            "per merge of eight MiniLM experts here; one seed)",
+    "fda_block": "40 AdamW steps per expert's anchors in each block instead of 1,200 (CPU budget); one seed",
     "np_merge": "no neuron alignment (align=none): the experts share one base, so their neurons already "
                 "correspond; BatchNorm on the experts' mean running statistics while α is trained and after "
                 "(batchnorm=running, reset_bn=false): per-task batches make batch statistics a task signal",
@@ -103,6 +104,7 @@ BUDGET_PARAMS = {
     "adamerging": {"steps": 100},
     "df_merge": {"fisher_at": "expert", "init_points": 5, "iterations": 20},
     "fda": {"anchor_steps": 40},
+    "fda_block": {"anchor_steps": 40},
     "neulig": {"loss": "cross_entropy"},
     "np_merge": {"align": "none", "batchnorm": "running", "reset_bn": False},
 }

@@ -10,6 +10,7 @@ from layermerge.methods import (  # noqa: F401
     distillmerge,
     emr,
     fda,
+    fda_block,
     fisher,
     iso,
     karcher,
