@@ -12,9 +12,9 @@ input on the few-shot data) start as σ·N(0, I) with σ = ``init_scale`` × the
 moves them until −∇θ D_i(θ0; X_i) points along the block's task vector τ_i, D_i being the distance
 between the block's outputs under θ and θ_i. Then the block's weights, from the base (or from Task
 Arithmetic as element-wise coefficients on the task vectors), are fitted with Adam to every expert's
-outputs on its anchors. Anchors run with the extra arguments (masks, rotary tables...) of the longest
-few-shot example of the task, so any block the engine can stream can take them; the few-shot inputs
-set only that and the scale.
+outputs on its anchors. Anchors run with the extra arguments (masks, rotary tables...) of one few-shot
+example of the task (the longest of its narrowest batch), so any block the engine can stream can take
+them; the few-shot inputs set only that and the scale.
 """
 
 from __future__ import annotations
@@ -147,8 +147,11 @@ class BlockFunctionalDualAnchors(DataDrivenMethod):
     @staticmethod
     def _template(ctx, task: str) -> tuple[tuple[int, ...], tuple[tuple, dict], float]:
         """(one anchor's shape, the extra arguments anchors run with, the RMS of the block's real input): from
-        the task's longest few-shot example on the merged stream (no padding: batches are trimmed to it)."""
-        ref = ctx.local_pairs(task)[0]
+        the longest example of the task's narrowest few-shot batch on the merged stream (no padding: batches
+        are regrouped by length and trimmed to their longest example). The narrowest batch keeps anchors
+        short, nearer the paper's five tokens, and cheap: the construction differentiates twice."""
+        refs = ctx.local_pairs(task)
+        ref = min(refs, key=lambda r: tuple(ctx.merged_input(r).shape[1:]))
         hidden = ctx.merged_input(ref)
         mask = ctx.token_mask(ref)
         example = int(mask.sum(1).argmax()) if mask is not None else 0
