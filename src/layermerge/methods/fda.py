@@ -229,6 +229,31 @@ def anchor_batch(space: str, anchors: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"inputs_embeds": anchors, "attention_mask": mask}
 
 
+class AnchorParams(MethodParams):
+    """The anchor construction and fitting settings FDA's two forms share (the paper's defaults)."""
+
+    anchors: int = Field(64, ge=1, description="anchors per expert (the paper: 64)")
+    init_scale: float = Field(0.01, gt=0, description="σ of the gaussian initialisation (the paper: 0.01)")
+    anchor_steps: int = Field(1200, ge=0, description="AdamW steps of the anchor construction, per expert "
+                                                      "(the paper: 1200)")
+    anchor_lr: float = Field(0.01, ge=0, description="AdamW learning rate of the anchors (the paper: 1e-2)")
+    anchor_distance: Literal["cosine", "mse"] = Field(
+        "cosine", description="Dist whose gradient at the base is aligned with the task vector (the paper: cosine)")
+    start: Literal["base", "task_arithmetic"] = Field(
+        "base", description="base: fit θ from the base (the paper's default); task_arithmetic: fit element-wise "
+                            "coefficients on the task vectors from Task Arithmetic (the paper's refinement use)")
+    scaling: float = Field(0.3, description="Task Arithmetic's λ when start is task_arithmetic (the released "
+                                            "code: 0.3 for RoBERTa-base)")
+    merge_epochs: int = Field(100, ge=0, description="passes over all experts' anchors when fitting (the paper: "
+                                                     "100)")
+    merge_batch_size: int = Field(128, ge=1, description="anchors per Adam step when fitting (the paper: 128)")
+    merge_lr: float | None = Field(None, gt=0, description="Adam learning rate of the fit; unset: the released "
+                                                           "code's, 5e-5 (text) or 1e-5 (images) from the base, "
+                                                           "1e-2 from task_arithmetic")
+    merge_distance: Literal["cosine", "mse"] = Field(
+        "cosine", description="Dist between merged and expert representations when fitting (the paper: cosine)")
+
+
 # --------------------------------------------------------------------- the model method
 @register("fda", summary="Functional Dual Anchors (Shi et al. 2025): per expert, synthetic inputs whose base-model "
                          "gradient points along its task vector; the base is then fitted to every expert's outputs "
@@ -236,32 +261,12 @@ def anchor_batch(space: str, anchors: torch.Tensor) -> dict[str, torch.Tensor]:
 class FunctionalDualAnchors(DataDrivenMethod):
     artifact_name = "anchors"
 
-    class Params(MethodParams):
-        anchors: int = Field(64, ge=1, description="anchors per expert (the paper: 64)")
+    class Params(AnchorParams):
         tokens: int = Field(5, ge=1, description="tokens per text anchor (the paper: 5 for RoBERTa); image anchors "
                                                  "take the shape of the expert's images")
         init: Literal["gaussian", "weight"] = Field(
             "gaussian", description="initial anchors: init_scale x N(0, I), or rows of the expert's weight matrices "
                                     "as wide as a token embedding (text only)")
-        init_scale: float = Field(0.01, gt=0, description="σ of the gaussian initialisation (the paper: 0.01)")
-        anchor_steps: int = Field(1200, ge=0, description="AdamW steps of the anchor construction, per expert "
-                                                          "(the paper: 1200)")
-        anchor_lr: float = Field(0.01, ge=0, description="AdamW learning rate of the anchors (the paper: 1e-2)")
-        anchor_distance: Literal["cosine", "mse"] = Field(
-            "cosine", description="Dist whose gradient at the base is aligned with the task vector (the paper: cosine)")
-        start: Literal["base", "task_arithmetic"] = Field(
-            "base", description="base: fit θ from the base (the paper's default); task_arithmetic: fit element-wise "
-                                "coefficients on the task vectors from Task Arithmetic (the paper's refinement use)")
-        scaling: float = Field(0.3, description="Task Arithmetic's λ when start is task_arithmetic (the released "
-                                                "code: 0.3 for RoBERTa-base)")
-        merge_epochs: int = Field(100, ge=0, description="passes over all experts' anchors when fitting (the paper: "
-                                                         "100)")
-        merge_batch_size: int = Field(128, ge=1, description="anchors per Adam step when fitting (the paper: 128)")
-        merge_lr: float | None = Field(None, gt=0, description="Adam learning rate of the fit; unset: the released "
-                                                               "code's, 5e-5 (text) or 1e-5 (images) from the base, "
-                                                               "1e-2 from task_arithmetic")
-        merge_distance: Literal["cosine", "mse"] = Field(
-            "cosine", description="Dist between merged and expert representations when fitting (the paper: cosine)")
         save_anchors: bool = Field(False, description="save every expert's anchors and targets as fda/artifacts."
                                                       "safetensors, keys '<task>/anchors' and '<task>/targets'")
 
@@ -366,6 +371,6 @@ def task_arithmetic_start(base: Mapping[str, torch.Tensor], stacked: Mapping[str
     return start
 
 
-__all__ = ["FunctionalDualAnchors", "MergedBackbone", "alignment_loss", "anchor_batch", "anchor_fit_loss",
-           "anchor_space", "construct_anchors", "distances", "fit_anchors", "gaussian_anchors",
+__all__ = ["AnchorParams", "FunctionalDualAnchors", "MergedBackbone", "alignment_loss", "anchor_batch",
+           "anchor_fit_loss", "anchor_space", "construct_anchors", "distances", "fit_anchors", "gaussian_anchors",
            "task_arithmetic_start", "weight_row_anchors"]

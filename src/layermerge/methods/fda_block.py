@@ -20,7 +20,6 @@ them; the few-shot inputs set only that and the scale.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +31,7 @@ from layermerge.errors import ConfigError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.fda import (
     MERGE_LR,
+    AnchorParams,
     MergedBackbone,
     alignment_loss,
     anchor_fit_loss,
@@ -40,7 +40,7 @@ from layermerge.methods.fda import (
     gaussian_anchors,
     task_arithmetic_start,
 )
-from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.registry import register
 
 
 def one_example_extras(extras: tuple[tuple, dict], size: int, example: int) -> tuple[tuple, dict]:
@@ -56,27 +56,10 @@ def one_example_extras(extras: tuple[tuple, dict], size: int, example: int) -> t
 class BlockFunctionalDualAnchors(DataDrivenMethod):
     method_name = "fda_block"
 
-    class Params(MethodParams):
+    class Params(AnchorParams):
         anchors: int = Field(64, ge=1, description="anchors per expert and block (the paper: 64)")
         init_scale: float = Field(0.01, gt=0, description="σ of the gaussian anchors, relative to the RMS of the "
                                                           "block's real input (the paper: 0.01 in embedding units)")
-        anchor_steps: int = Field(1200, ge=0, description="AdamW steps of the anchor construction, per expert and "
-                                                          "block (the paper: 1200)")
-        anchor_lr: float = Field(0.01, ge=0, description="AdamW learning rate of the anchors (the paper: 1e-2)")
-        anchor_distance: Literal["cosine", "mse"] = Field(
-            "cosine", description="Dist whose gradient at the base is aligned with the task vector (the paper: cosine)")
-        start: Literal["base", "task_arithmetic"] = Field(
-            "base", description="base: fit each block from the base (the paper's default); task_arithmetic: fit "
-                                "element-wise coefficients on the task vectors from Task Arithmetic")
-        scaling: float = Field(0.3, description="Task Arithmetic's λ for start task_arithmetic, and for the weights "
-                                                "outside the blocks then (with start base they stay the base's)")
-        merge_epochs: int = Field(100, ge=0, description="passes over all experts' anchors per block (the paper: 100)")
-        merge_batch_size: int = Field(128, ge=1, description="anchors per Adam step when fitting (the paper: 128)")
-        merge_lr: float | None = Field(None, gt=0, description="Adam learning rate of the fit; unset: the released "
-                                                               "code's, 5e-5 (token blocks) or 1e-5 (image blocks) "
-                                                               "from the base, 1e-2 from task_arithmetic")
-        merge_distance: Literal["cosine", "mse"] = Field(
-            "cosine", description="Dist between merged and expert block outputs when fitting (the paper: cosine)")
 
     def non_block_scaling(self, num_experts: int) -> float:
         """Outside the blocks nothing is fitted: the base's weights (λ = 0) from the base, Task Arithmetic's
