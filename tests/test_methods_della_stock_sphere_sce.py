@@ -288,3 +288,15 @@ def test_sce_hand_worked():
     base = torch.zeros(2)
     merged = make("sce", ["a", "b"]).merge_tensor("w", base, [torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])])
     torch.testing.assert_close(merged, torch.tensor([(5 / 7 * 2 + 2 / 7 * 1) / 1.0, 1.0]))
+
+
+def test_multislerp_keeps_a_tensor_no_expert_changed():
+    """LoRA experts leave the embeddings as the base has them: every task vector of that tensor is zero, and
+    the merge is the base (it used to stop with 'directions cancel out'); antipodal ones still stop."""
+    base = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    method = make("multislerp", ["a", "b", "c"])
+    assert torch.equal(method.merge_tensor("embed", base, [base.clone(), base.clone(), base.clone()]), base)
+    with pytest.raises(ConfigError, match="cancel out"):
+        method = make("multislerp", ["a", "b", "c"], weights=[1.0, 1.0, 2.0])
+        method.merge_tensor("w", torch.zeros(2), [torch.tensor([1.0, 0]), torch.tensor([1.0, 0]),
+                                                  torch.tensor([-1.0, 0])])

@@ -99,7 +99,9 @@ class MultiSlerp(DataFreeMethod):
         units = points / (norms + eps)
         mean = (units * weights).sum(0)
         mean_norm = mean.norm()
-        if mean_norm < eps:
+        if bool((norms <= eps).all()):                         # no expert changed this tensor (a LoRA
+            merged = torch.zeros_like(points[0])               # expert's embeddings): nothing to move
+        elif mean_norm < eps:
             if len(experts) != 2:
                 raise ConfigError(f"multislerp: the weighted directions of {key!r} cancel out (antipodal "
                                   "task vectors with balancing weights); choose other weights")
