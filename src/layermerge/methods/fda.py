@@ -205,6 +205,25 @@ def fit_anchors(merged: MergedBackbone, represent: Represent, anchors: Mapping[s
     return history
 
 
+def fit_and_measure(merged: MergedBackbone, represent: Represent, anchors: Mapping[str, torch.Tensor],
+                    targets: Mapping[str, torch.Tensor], params: AnchorParams, lr: float, generator: torch.Generator,
+                    progress: Callable[[Iterable], Iterable] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``fit_anchors`` with FDA's settings, and the anchors' mean distance before and after: (the fitted
+    weights, {loss_start, loss_final, history, steps})."""
+    everything = [(task, index) for task in anchors for index in range(len(anchors[task]))]
+    with torch.no_grad():
+        loss_start = float(anchor_fit_loss(represent, merged.weights(), anchors, targets, everything,
+                                           params.merge_distance))
+    history = fit_anchors(merged, represent, anchors, targets, lr=lr, epochs=params.merge_epochs,
+                          batch_size=params.merge_batch_size, distance=params.merge_distance, generator=generator,
+                          progress=progress)
+    with torch.no_grad():
+        weights = merged.weights()
+        loss_final = float(anchor_fit_loss(represent, weights, anchors, targets, everything, params.merge_distance))
+    steps = params.merge_epochs * math.ceil(len(everything) / params.merge_batch_size)
+    return weights, {"loss_start": loss_start, "loss_final": loss_final, "history": history, "steps": steps}
+
+
 def anchor_space(model: nn.Module, batch: Mapping[str, object], tokens: int, task: str) -> tuple[str, tuple[int, ...]]:
     """Where a task model's anchors live: ("pixels", image shape) for a model fed ``pixel_values``,
     ("text", (tokens, embedding width)) for a transformers model that takes ``inputs_embeds``."""
@@ -300,18 +319,10 @@ class FunctionalDualAnchors(DataDrivenMethod):
         merged = MergedBackbone(start, keys, None if stacked is None else {key: stacked[key] for key in keys})
         del stacked
         lr = p.merge_lr if p.merge_lr is not None else MERGE_LR[(p.start, space)]
-        everything = [(task, index) for task in anchors for index in range(len(anchors[task]))]
-        with torch.no_grad():
-            loss_start = float(anchor_fit_loss(represent, merged.weights(), anchors, targets, everything,
-                                               p.merge_distance))
-        history = fit_anchors(merged, represent, anchors, targets, lr=lr, epochs=p.merge_epochs,
-                              batch_size=p.merge_batch_size, distance=p.merge_distance, generator=ctx.generator,
-                              progress=lambda it: ctx.progress(it, "fda: fitting"))
-        with torch.no_grad():
-            weights = merged.weights()
-            loss_final = float(anchor_fit_loss(represent, weights, anchors, targets, everything, p.merge_distance))
-            params = {key: weights[key].detach() for key in ctx.merge_keys}
-        steps = p.merge_epochs * math.ceil(len(everything) / p.merge_batch_size)
+        weights, fit = fit_and_measure(merged, represent, anchors, targets, p, lr, ctx.generator,
+                                       lambda it: ctx.progress(it, "fda: fitting"))
+        params = {key: weights[key].detach() for key in ctx.merge_keys}
+        loss_start, loss_final, history, steps = fit["loss_start"], fit["loss_final"], fit["history"], fit["steps"]
         stats = {
             "input_space": space, "anchor_shape": list(spaces[ctx.tasks[0]][1]), "init": p.init,
             "task_data_used": "image shape of the first batch" if space == "pixels" else "none",
@@ -372,5 +383,5 @@ def task_arithmetic_start(base: Mapping[str, torch.Tensor], stacked: Mapping[str
 
 
 __all__ = ["AnchorParams", "FunctionalDualAnchors", "MergedBackbone", "alignment_loss", "anchor_batch",
-           "anchor_fit_loss", "anchor_space", "construct_anchors", "distances", "fit_anchors", "gaussian_anchors",
-           "task_arithmetic_start", "weight_row_anchors"]
+           "anchor_fit_loss", "anchor_space", "construct_anchors", "distances", "fit_and_measure", "fit_anchors",
+           "gaussian_anchors", "task_arithmetic_start", "weight_row_anchors"]

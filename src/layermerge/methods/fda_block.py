@@ -19,8 +19,6 @@ them; the few-shot inputs set only that and the scale.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -34,9 +32,8 @@ from layermerge.methods.fda import (
     AnchorParams,
     MergedBackbone,
     alignment_loss,
-    anchor_fit_loss,
     construct_anchors,
-    fit_anchors,
+    fit_and_measure,
     gaussian_anchors,
     task_arithmetic_start,
 )
@@ -110,21 +107,13 @@ class BlockFunctionalDualAnchors(DataDrivenMethod):
         merged = MergedBackbone(start, keys, stacked)
         token_blocks = len(templates[ctx.tasks[0]][0]) == 2
         lr = p.merge_lr if p.merge_lr is not None else MERGE_LR[(p.start, "text" if token_blocks else "pixels")]
-        everything = [(task, index) for task in anchors for index in range(len(anchors[task]))]
-        with torch.no_grad():
-            loss_start = float(anchor_fit_loss(represent, merged.weights(), anchors, targets, everything,
-                                               p.merge_distance))
-        history = fit_anchors(merged, represent, anchors, targets, lr=lr, epochs=p.merge_epochs,
-                              batch_size=p.merge_batch_size, distance=p.merge_distance, generator=ctx.generator,
-                              progress=lambda it: ctx.progress(it, "fda_block: fitting"))
-        with torch.no_grad():
-            weights = merged.weights()
-            loss_final = float(anchor_fit_loss(represent, weights, anchors, targets, everything, p.merge_distance))
+        weights, fit = fit_and_measure(merged, represent, anchors, targets, p, lr, ctx.generator,
+                                       lambda it: ctx.progress(it, "fda_block: fitting"))
         params = {name: (weights[name] if name in weights else tensor).detach() for name, tensor in ctx.base.items()}
         stats = {"anchor_shape": list(templates[ctx.tasks[0]][0]), "alignment": alignment, "merge_lr": lr,
-                 "merge_steps": p.merge_epochs * math.ceil(len(everything) / p.merge_batch_size),
-                 "loss_start": round(loss_start, 6), "loss_final": round(loss_final, 6),
-                 "loss_final_per_epoch": [round(value, 6) for value in history[-3:]]}
+                 "merge_steps": fit["steps"], "loss_start": round(fit["loss_start"], 6),
+                 "loss_final": round(fit["loss_final"], 6),
+                 "loss_final_per_epoch": [round(value, 6) for value in fit["history"][-3:]]}
         return BlockResult(params, stats=stats)
 
     @staticmethod
