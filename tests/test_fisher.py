@@ -111,7 +111,7 @@ def test_ignored_labels_missing_labels_and_unsupported_heads():
     with pytest.raises(DataError, match="needs labels"):
         diagonal_fisher(logits_fn, params, [{"x": batch["x"]}], "true")
     with pytest.raises(ConfigError, match="one prediction per example"):
-        diagonal_fisher(lambda p, e: logits_fn(p, e)[:, None, :], params, [batch], "expected")
+        diagonal_fisher(lambda p, e: logits_fn(p, e)[:, None, None, :], params, [batch], "expected")
     with pytest.raises(DataError, match="first dimensions"):
         list(single_examples({"x": torch.zeros(3, 2), "labels": torch.zeros(2)}))
 
@@ -145,10 +145,12 @@ def test_weighted_average_known_answers():
 
 def test_auto_label_mode():
     method = FisherMerging(FisherMerging.Params())
-    assert method._mode("t", [{"labels": 1}]) == "true"
-    assert method._mode("t", [{"x": 1}]) == "expected"
+    assert method._mode("t", [{"labels": 1}], False) == "true"
+    assert method._mode("t", [{"x": 1}], False) == "expected"
+    assert method._mode("t", [{"x": 1}], True) == "sampled"           # a language model without labels
+    assert method._mode("t", [{"labels": 1}], True) == "true"
     with pytest.raises(DataError, match="without labels"):
-        FisherMerging(FisherMerging.Params(fisher_labels="true"))._mode("t", [{"x": 1}])
+        FisherMerging(FisherMerging.Params(fisher_labels="true"))._mode("t", [{"x": 1}], False)
 
 
 # --------------------------------------------------------------------- end to end on tiny BERT

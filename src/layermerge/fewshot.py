@@ -4,7 +4,9 @@ The engine wants ``{task: [batch, ...]}`` with each batch a dict of model inputs
 each expert's examples are drawn with ``layermerge.data.sample_few_shot`` (seeded, stratified,
 train split only) and collated with the data package's collators (the base's tokenizer for text, or,
 when experts' added tokens enter the output vocabulary, each expert's own tokenizer with its ids
-mapped into the output's; the expert's preprocessing for images). Labels are never passed: the methods are unsupervised.
+mapped into the output's; the expert's preprocessing for images). Batches carry labels (class ids; a
+generation task's completion tokens when completions are included) for the methods that read them
+(Fisher, DF-Merge, NeuLig...); the block engine and the unsupervised methods drop them.
 Hand-built batches go through the same adaptation to the template's ``forward`` (``labels`` and
 inputs the model does not take are dropped; ``pixel_values`` goes to a model whose first argument
 has another name, e.g. EfficientNet's ``inputs``).
@@ -132,7 +134,8 @@ def build_few_shot(config: DataConfig | Mapping, expert_set) -> dict[str, list[d
             if decoder_start is not None:
                 collate = Seq2SeqCollator(use, task, decoder_start, length, include_completion=completion)
             elif task.is_generation:
-                collate = GenerationCollator(use, task, length, include_completion=completion)
+                # labels (the completion's tokens) for the methods that read them; the others drop them
+                collate = GenerationCollator(use, task, length, include_completion=completion, with_labels=completion)
             else:
                 collate = TextCollator(use, task, length)
         else:

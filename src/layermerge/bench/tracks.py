@@ -132,6 +132,17 @@ PRODISTILL_ABLATIONS = {
                      AblationRow(label="DistillMerge (end to end)", method="distillmerge")],
 }
 
+# Methods that merge exactly two models (NuSLERP; PLeaS, built for models from different initialisations)
+# run on pairs of experts, beside data-free and data-driven references on the same pairs (issue 20).
+PAIR_METHODS = ("task_arithmetic", "ties", "nuslerp", "regmean", "pleas")
+
+
+def pair_rows(pairs: list[tuple[str, str]], methods: tuple[str, ...] = PAIR_METHODS) -> list[AblationRow]:
+    """One row per pair and method, scored on the pair's two tasks, one sampling seed."""
+    return [AblationRow(label=f"{first}+{second}: {method}", method=method, experts=[first, second], seeds=[0])
+            for first, second in pairs for method in methods]
+
+
 BUILTIN_TRACKS = {
     "glue8-minilm": TrackConfig(
         name="glue8-minilm",
@@ -141,7 +152,9 @@ BUILTIN_TRACKS = {
         recipe={"max_train_examples": 5000, "epochs": 3, "lr": 5e-5, "batch_size": 32, "max_length": 128,
                 "seed": 0},
         eval_examples=500, max_length=128, shots=64,
-        method_params=GLUE8_PARAMS, notes=GLUE8_NOTES, ablations=PRODISTILL_ABLATIONS, ablation_seeds=[0],
+        method_params=GLUE8_PARAMS, notes=GLUE8_NOTES, ablation_seeds=[0],
+        ablations={**PRODISTILL_ABLATIONS,
+                   "pairs": pair_rows([("cola", "sst2"), ("mrpc", "stsb"), ("qqp", "mnli"), ("qnli", "rte")])},
     ),
     "vision5-effnet": TrackConfig(
         name="vision5-effnet",
@@ -151,7 +164,9 @@ BUILTIN_TRACKS = {
         recipe={"max_train_examples": 5000, "epochs": 3, "lr": 1e-3, "batch_size": 32, "image_size": 64,
                 "seed": 0},
         eval_examples=1000, shots=64,
-        method_params=BUDGET_PARAMS, notes=BUDGET_NOTES, ablations=PRODISTILL_ABLATIONS, ablation_seeds=[0],
+        method_params=BUDGET_PARAMS, notes=BUDGET_NOTES, ablation_seeds=[0],
+        ablations={**PRODISTILL_ABLATIONS,
+                   "pairs": pair_rows([("mnist", "fashion_mnist"), ("kmnist", "cifar10"), ("cifar10", "gtsrb")])},
     ),
 }
 

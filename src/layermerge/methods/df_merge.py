@@ -37,11 +37,9 @@ from layermerge.errors import ConfigError, DataError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.bayes_opt import maximize
 from layermerge.methods.fisher import FisherAverage, diagonal_fisher, single_examples
-from layermerge.methods.localize_stitch import supervised_loss_sum
 from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.supervision import correct_count, predicts_next_token, supervised_loss_sum
 from layermerge.norm_stats import experts_mean_statistics, is_running_statistic
-
-IGNORE_LABEL = -100
 
 
 def fisher_examples_of(batches: Sequence[Mapping], limit: int | None) -> list[dict]:
@@ -50,15 +48,15 @@ def fisher_examples_of(batches: Sequence[Mapping], limit: int | None) -> list[di
     return examples if limit is None else examples[:limit]
 
 
-def task_score(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> tuple[float, int]:
+def task_score(logits: torch.Tensor, labels: torch.Tensor, objective: str, shift: bool = False) -> tuple[float, int]:
     """Summed correct predictions (``accuracy``) or summed loss (``loss``: cross-entropy, squared error
-    for a one-output head) over a batch, and the number of labelled examples (−100 is ignored)."""
+    for a one-output head) over a batch, and the number of labelled predictions (−100 is ignored): one
+    per example for a classification head, one per labelled token for a language model (``shift``: the
+    labels follow the input tokens, ``layermerge.methods.supervision``)."""
     if objective == "loss":
-        total, count = supervised_loss_sum(logits, labels)
+        total, count = supervised_loss_sum(logits, labels, shift=shift)
         return float(total), count
-    labels = labels.reshape(-1)
-    keep = labels != IGNORE_LABEL
-    return float((logits.argmax(-1).reshape(-1)[keep] == labels[keep]).sum()), int(keep.sum())
+    return correct_count(logits, labels, shift=shift)
 
 
 @register("df_merge", summary="Fisher-weighted merge of scaled task vectors whose per-expert scales are chosen by "
@@ -146,14 +144,15 @@ class DFMerge(DataDrivenMethod):
         keys = [key for key, tensor in base.items() if tensor.is_floating_point() and not is_running_statistic(key)]
         statistics = experts_mean_statistics(ctx, base)
         examples = {task: self._fisher_examples(task, ctx.batches(task)) for task in tasks}
-        self._check_objective(ctx)
+        shifts = {task: predicts_next_token(ctx.task_model(task)) for task in tasks}
+        self._check_objective(ctx, shifts)
         fixed_fishers: dict[str, dict[str, torch.Tensor]] = {}
 
         def fisher(task: str, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             names = [key for key in ctx.parameter_keys(task) if key in weights]
             result, count = diagonal_fisher(lambda backbone, batch: ctx.logits(task, backbone, batch),
                                             {key: weights[key] for key in names}, examples[task],
-                                            p.fisher_labels, ctx.generator)
+                                            p.fisher_labels, ctx.generator, shift=shifts[task])
             if count == 0:
                 raise DataError(f"df_merge: task '{task}' has no usable Fisher example (all labels ignored?)")
             return result
@@ -187,7 +186,7 @@ class DFMerge(DataDrivenMethod):
         def evaluate(point: np.ndarray) -> float:
             lambdas = [float(value) for value in point]
             state = merged(lambdas)
-            value, per_task = self._score(ctx, state)
+            value, per_task = self._score(ctx, state, shifts)
             history.append({"lambdas": dict(zip(tasks, lambdas)), "objective": value, "per_task": per_task})
             if value > best["value"]:                 # strictly: the first of equal scores is kept, as argmax
                 best.update(value=value, state=state)
@@ -216,26 +215,35 @@ class DFMerge(DataDrivenMethod):
                                 "data: section naming a labelled task")
         return fisher_examples_of(batches, self.params.fisher_examples)
 
-    def _check_objective(self, ctx) -> None:
+    def _check_objective(self, ctx, shifts: Mapping[str, bool]) -> None:
         """Refuse heads the objective cannot score, before any Fisher is computed."""
         for task in ctx.tasks:
+            batch = ctx.batches(task)[0]
             with torch.no_grad():
-                logits = ctx.logits(task, {}, ctx.batches(task)[0])
-            if logits.dim() != 2:
+                logits = ctx.logits(task, {}, batch)
+            if logits.dim() not in (2, 3):
                 raise ConfigError(f"df_merge: the head of '{task}' returned logits of shape {tuple(logits.shape)}; "
-                                  "DF-Merge supports heads with one prediction per example (batch, classes)")
+                                  "DF-Merge supports heads with one prediction per example (batch, classes) and "
+                                  "language models (batch, positions, vocabulary)")
+            if logits.dim() == 3 and self.params.fisher_labels == "expected":
+                raise ConfigError(f"df_merge: '{task}' is a language model, whose Fisher cannot sum over every "
+                                  "token of the vocabulary at every position; use fisher_labels: true (the "
+                                  "completions' tokens) or sampled")
             if logits.shape[-1] == 1 and self.params.objective == "accuracy":
                 raise ConfigError(f"df_merge: '{task}' has a one-output (regression) head, whose accuracy is "
                                   "undefined; use objective: loss")
+            task_score(logits, batch["labels"], self.params.objective, shifts[task])   # refuses misaligned labels
 
-    def _score(self, ctx, state: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    def _score(self, ctx, state: Mapping[str, torch.Tensor], shifts: Mapping[str, bool]
+               ) -> tuple[float, dict[str, float]]:
         """The objective (to maximise) and each task's accuracy or mean loss, on all the few-shot data."""
         per_task = {}
         with torch.no_grad():
             for task in ctx.tasks:
                 total, count = 0.0, 0
                 for batch in ctx.batches(task):
-                    value, rows = task_score(ctx.logits(task, state, batch), batch["labels"], self.params.objective)
+                    value, rows = task_score(ctx.logits(task, state, batch), batch["labels"], self.params.objective,
+                                              shifts[task])
                     total, count = total + value, count + rows
                 if count == 0:
                     raise DataError(f"df_merge: task '{task}' has no labelled example to score (all labels -100?)")

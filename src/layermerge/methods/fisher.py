@@ -6,9 +6,11 @@ expectation over labels is exact), through expert i's full task model (its own h
 few-shot examples. Merged θ = Σ_i (F_i + ε) θ_i / Σ_i (F_i + ε): ε smooths elements no example
 reaches towards the plain average. y is the true label, a label sampled from the expert's own
 prediction (seeded), or the exact expectation over all labels (the authors' code); one-output
-(regression) heads use a unit-variance Gaussian likelihood. Memory: the experts' task models (one
-in use at a time) plus five backbone-sized fp32 buffers at peak (its weights, one gradient, its
-Fisher, the two running sums) — a ``kind="model"`` method, see docs/REGMEAN_FISHER.md.
+(regression) heads use a unit-variance Gaussian likelihood; for a causal language model y is the
+sequence of an example's labelled tokens (the completion, ``layermerge.methods.supervision``).
+Memory: the experts' task models (one in use at a time) plus five backbone-sized fp32 buffers at
+peak (its weights, one gradient, its Fisher, the two running sums) — a ``kind="model"``
+method, see docs/REGMEAN_FISHER.md.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pydantic import Field, field_validator
 from layermerge.errors import ConfigError, DataError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.supervision import IGNORE_INDEX, prediction_targets, predicts_next_token
 
 LogitsFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
-IGNORE_LABEL = -100
+IGNORE_LABEL = IGNORE_INDEX
 
 
 # --------------------------------------------------------------------- the pure core
@@ -54,14 +57,17 @@ def trim_padding(example: dict[str, object]) -> dict[str, object]:
             else value for key, value in example.items()}
 
 
-def _likelihood_terms(logits: torch.Tensor, label, mode: str, generator: torch.Generator
+def _likelihood_terms(logits: torch.Tensor, labels, mode: str, generator: torch.Generator, shift: bool
                       ) -> list[tuple[float, torch.Tensor]]:
     """(weight, differentiable scalar) pairs whose weighted squared gradients sum to one example's
-    Fisher contribution."""
+    Fisher contribution (``labels``: the example's label tensor, None when none is read)."""
+    if logits.dim() == 3 and logits.shape[0] == 1:
+        return _sequence_terms(logits, labels, mode, generator, shift)
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise ConfigError(f"fisher: the task head returned logits of shape {tuple(logits.shape)}; Fisher merging "
                           "supports heads with one prediction per example (batch, classes), such as sequence or "
-                          "image classification")
+                          "image classification, and language models (batch, positions, vocabulary)")
+    label = None if labels is None else labels.reshape(-1)[0]
     if logits.shape[1] == 1:
         # Regression, unit-variance Gaussian: ∂ log p / ∂θ = (y − f) ∂f/∂θ.
         prediction = logits[0, 0]
@@ -82,16 +88,45 @@ def _likelihood_terms(logits: torch.Tensor, label, mode: str, generator: torch.G
     return [(float(p), log_probs[c]) for c, p in enumerate(probs) if p > 0]
 
 
+def _sequence_terms(logits: torch.Tensor, labels, mode: str, generator: torch.Generator, shift: bool
+                    ) -> list[tuple[float, torch.Tensor]]:
+    """A language model's one term: log p(y | x) = Σ_t log p(y_t | x, y_<t) over the labelled positions
+    (every position without labels), y_t the label (``true``) or drawn from the model's prediction at t
+    given the real prefix (``sampled``: its per-position draws are independent, so the diagonal is the
+    sum of the positions' own Fishers)."""
+    if mode == "expected":
+        raise ConfigError("fisher: fisher_labels='expected' sums over every class, which for a language model is "
+                          "one backward pass per vocabulary entry and position; use 'true' (the completions' "
+                          "tokens) or 'sampled'")
+    if labels is None:                          # nothing says which positions count: all of them
+        flat, _ = prediction_targets(logits, torch.zeros(logits.shape[:2], dtype=torch.long), shift=shift)
+        targets, keep = None, torch.arange(flat.shape[0], device=logits.device)
+    else:
+        flat, targets = prediction_targets(logits, labels, shift=shift)
+        keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+    picked = flat[keep]
+    log_probs = torch.log_softmax(picked.float() if picked.dtype in (torch.float16, torch.bfloat16) else picked, -1)
+    if mode == "true":
+        chosen = targets[keep].long()
+    else:
+        chosen = torch.multinomial(log_probs.detach().exp().cpu().double(), 1, generator=generator).reshape(-1)
+    return [(1.0, log_probs[torch.arange(len(keep), device=logits.device), chosen.to(logits.device)].sum())]
+
+
 def diagonal_fisher(logits_fn: LogitsFn, params: Mapping[str, torch.Tensor], batches: Iterable[Mapping],
                     labels: Literal["true", "sampled", "expected"] = "true",
                     generator: torch.Generator | None = None,
-                    progress: Callable[[Iterable], Iterable] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                    progress: Callable[[Iterable], Iterable] | None = None,
+                    shift: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Diagonal Fisher of ``params`` (mean over examples of squared per-example gradients of log p(y|x)).
 
-    ``logits_fn(params, example)`` returns the (1, classes) logits of one example with ``params`` in
-    place of the model's; ``labels``: the true ``labels`` of each batch, one label sampled from the
-    model's prediction with ``generator``, or the exact expectation over labels. Returns (Fisher with
-    the keys of ``params``, number of examples used; true labels equal to -100 are skipped).
+    ``logits_fn(params, example)`` returns the logits of one example with ``params`` in place of the
+    model's: (1, classes), or (1, positions, vocabulary) for a language model, whose y is the sequence
+    of its labelled tokens (``_sequence_terms``; ``shift``: labels follow the input tokens, see
+    ``layermerge.methods.supervision``). ``labels``: the true ``labels`` of each batch, labels sampled
+    from the model's prediction with ``generator``, or the exact expectation over labels. Returns
+    (Fisher with the keys of ``params``, number of examples used; examples whose true labels are all
+    -100 are skipped).
     """
     generator = generator or torch.Generator().manual_seed(0)
     leaves = {key: value.detach().requires_grad_(True) for key, value in params.items()}  # no copy
@@ -100,17 +135,17 @@ def diagonal_fisher(logits_fn: LogitsFn, params: Mapping[str, torch.Tensor], bat
     examples = [example for batch in batches for example in single_examples(batch)]
     count = 0
     for example in (progress(examples) if progress is not None else examples):
-        label = None
+        label = example.get("labels") if labels != "expected" else None
         if labels == "true":
-            if "labels" not in example:
+            if label is None:
                 raise DataError("fisher_labels='true' needs labels in every few-shot batch; give labelled data "
                                 "or choose fisher_labels='sampled' or 'expected'")
-            label = example["labels"].reshape(-1)[0]
-            if not label.is_floating_point() and int(label) == IGNORE_LABEL:
+            predicted = label[:, 1:] if shift and label.dim() == 2 else label
+            if not label.is_floating_point() and not bool((predicted != IGNORE_LABEL).any()):
                 continue
         inputs = {key: value for key, value in example.items() if key != "labels"}
         logits = logits_fn(leaves, inputs)
-        terms = _likelihood_terms(logits, label, labels, generator)
+        terms = _likelihood_terms(logits, label, labels, generator, shift)
         for position, (weight, value) in enumerate(terms):
             grads = torch.autograd.grad(value, [leaves[k] for k in names], retain_graph=position < len(terms) - 1,
                                         allow_unused=True)
@@ -179,8 +214,8 @@ class FisherMerging(DataDrivenMethod):
         fisher_labels: Literal["auto", "true", "sampled", "expected"] = Field(
             "auto", description="y in log p(y|x): the data's true labels, one label sampled from the expert's "
                                 "prediction (seeded), or the exact expectation over labels (the authors' code; "
-                                "one backward pass per class); auto = true when every batch has labels, else "
-                                "expected")
+                                "one backward pass per class; not for language models); auto = true when every "
+                                "batch has labels, else expected (sampled for a causal language model)")
         epsilon: float = Field(1e-8, gt=0, description="ε added to every Fisher: θ = Σ(F_i+ε)θ_i / Σ(F_i+ε); "
                                                        "elements with no signal fall back to the average")
         normalize: bool = Field(False, description="divide each expert's Fisher by its L2 norm first so that no "
@@ -207,13 +242,15 @@ class FisherMerging(DataDrivenMethod):
                        "epsilon": p.epsilon, "normalize": p.normalize}
         for task in ctx.tasks:
             batches = ctx.batches(task)
-            mode = self._mode(task, batches)
+            shift = predicts_next_token(ctx.task_model(task))
+            mode = self._mode(task, batches, shift)
             state = ctx.expert_state(task)
             # Buffers (BatchNorm statistics) take no gradient: Fisher 0, so they are averaged.
             keys = [key for key in ctx.parameter_keys(task) if state[key].is_floating_point()]
             fisher, count = diagonal_fisher(
                 lambda backbone, batch, task=task: ctx.logits(task, backbone, batch), {k: state[k] for k in keys},
-                batches, mode, ctx.generator, lambda items, task=task: ctx.progress(items, f"fisher: {task}"))
+                batches, mode, ctx.generator, lambda items, task=task: ctx.progress(items, f"fisher: {task}"),
+                shift=shift)
             if count == 0:
                 raise DataError(f"fisher: task '{task}' has no usable example (all labels ignored?)")
             norm = fisher_norm(fisher)
@@ -232,11 +269,11 @@ class FisherMerging(DataDrivenMethod):
             ctx.release(task)           # one expert's model in memory at a time
         return ModelMergeResult(average.result(), artifacts, {}, stats)
 
-    def _mode(self, task: str, batches: list[Mapping]) -> str:
+    def _mode(self, task: str, batches: list[Mapping], language_model: bool) -> str:
         mode = self.params.fisher_labels
         labelled = all("labels" in batch for batch in batches)
         if mode == "auto":
-            return "true" if labelled else "expected"
+            return "true" if labelled else ("sampled" if language_model else "expected")
         if mode == "true" and not labelled:
             raise DataError(f"fisher: fisher_labels='true' but task '{task}' has batches without labels; give "
                             "labelled data or use fisher_labels='sampled' or 'expected'")

@@ -32,9 +32,9 @@ from layermerge.errors import ConfigError, DataError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.radix_select import KthLargestMagnitude
 from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.supervision import IGNORE_INDEX, predicts_next_token, supervised_loss_sum
 
 LABEL_KEYS = ("labels", "label")
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- selection
@@ -82,30 +82,24 @@ def labels_of(task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
                     "naming a labelled task")
 
 
-def supervised_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy, or squared error for a one-output head, and the count (labels −100 ignored)."""
-    logits = logits.float()
-    if logits.shape[-1] == 1:
-        flat, target = logits.reshape(-1), labels.reshape(-1)
-        keep = target != IGNORE_INDEX
-        return (flat[keep] - target[keep].to(flat.dtype)).pow(2).sum(), int(keep.sum())
-    flat_labels = labels.reshape(-1).long()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels,
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((flat_labels != IGNORE_INDEX).sum())
-
-
 # --------------------------------------------------------------------------- localize
+def predicted_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """The labels the loss reads: per-token labels of a next-token model lose their first position."""
+    return labels[:, 1:] if shift and labels.dim() == 2 else labels
+
+
 def learn_scores(task: str, base: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],
                  scores: dict[str, torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]],
                  logits_fn: Callable, *, lr: float, steps: int, l1_weight: float,
-                 progress: Callable | None = None, trainable: set[str] | None = None) -> list[dict]:
+                 progress: Callable | None = None, trainable: set[str] | None = None,
+                 shift: bool = False) -> list[dict]:
     """Train ``scores`` (float keys of τ) in place by Adam; per step the task loss (mean over the labelled
-    examples, all batches: a full-batch gradient) and the mean soft mask before the update.
+    examples, all batches: a full-batch gradient) and the mean soft mask before the update. ``shift``:
+    the labels follow the input tokens (a causal language model's, ``layermerge.methods.supervision``).
 
     ``trainable``: the keys the task loss may differentiate (the model's parameters); buffers such as
     BatchNorm statistics take no gradient, so their scores move only by the sparsity penalty."""
-    count = sum(int((labels_of(task, batch) != IGNORE_INDEX).sum()) for batch in batches)
+    count = sum(int((predicted_labels(labels_of(task, batch), shift) != IGNORE_INDEX).sum()) for batch in batches)
     if count == 0:
         raise DataError(f"localize_stitch: every label of '{task}' is ignored ({IGNORE_INDEX}); nothing to learn from")
     leaves = list(scores.values())
@@ -122,7 +116,7 @@ def learn_scores(task: str, base: Mapping[str, torch.Tensor], vector: Mapping[st
         backbone = {**base, **inputs}
         task_loss = 0.0
         for batch in batches:
-            value, _ = supervised_loss_sum(logits_fn(task, backbone, batch), labels_of(task, batch))
+            value, _ = supervised_loss_sum(logits_fn(task, backbone, batch), labels_of(task, batch), shift=shift)
             value = value / count
             value.backward()
             task_loss += float(value.detach())
@@ -231,7 +225,8 @@ class LocalizeStitch(DataDrivenMethod):
             start = {key: tensor > 0 for key, tensor in scores.items()}
             history = learn_scores(task, base, vector, scores, batches, ctx.logits, lr=p.lr, steps=p.steps,
                                    l1_weight=p.l1_weight, progress=ctx.progress,
-                                   trainable=set(ctx.parameter_keys(task)))
+                                   trainable=set(ctx.parameter_keys(task)),
+                                   shift=predicts_next_token(ctx.task_model(task)))
             masks = binarize(scores, k, p.binarize)
             del scores
             stitcher.add(masks, vector)

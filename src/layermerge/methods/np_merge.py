@@ -45,6 +45,7 @@ from layermerge.align.runner import batch_labels, batchnorm_modules, batchnorm_t
 from layermerge.errors import ConfigError, DataError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.supervision import predicts_next_token
 
 ALIGN = ("weight", "activation", "none")
 BATCHNORM = ("batch", "running")
@@ -365,6 +366,10 @@ class NPMerge(DataDrivenMethod):
         from layermerge.methods.base import ModelMergeResult
 
         p = self.params
+        language = [task for task in ctx.tasks if predicts_next_token(ctx.task_model(task))]
+        if language:
+            raise ConfigError(f"np_merge learns α from one label per example (a classification head), but experts "
+                              f"{language} are language models; use prodistill, regmean or df_merge for them")
         feeds = [(ContextRunner(ctx, task), ctx.batches(task)) for task in ctx.tasks]
         spec = None
         if p.align != "none":

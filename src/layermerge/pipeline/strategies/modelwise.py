@@ -276,6 +276,8 @@ class _swapped:
     ``torch.func.functional_call`` needs the call itself; models with custom ``forward`` argument
     handling (``forward_logits``) are simpler to call normally, so the replacement is done through
     ``torch.nn.utils.stateless``'s reparametrisation context, which is what functional_call uses.
+    Tied weights follow: replacing the token embedding of a model whose output head shares it replaces
+    the head's too (``tie_weights``), as loading the merged checkpoint would.
     """
 
     def __init__(self, model: nn.Module, overrides: dict[str, torch.Tensor]):
@@ -284,7 +286,7 @@ class _swapped:
     def __enter__(self):
         from torch.nn.utils.stateless import _reparametrize_module
 
-        self._context = _reparametrize_module(self.model, self.overrides)
+        self._context = _reparametrize_module(self.model, self.overrides, tie_weights=True)
         self._context.__enter__()
         return self.model
 
