@@ -69,6 +69,58 @@ def test_merging_a_model_with_its_permuted_copy_returns_the_model(align_method):
     torch.testing.assert_close(_out(merged, x), _out(model, x), atol=1e-4, rtol=1e-4)
 
 
+class _StaticSameConv(nn.Conv2d):
+    """EfficientNet's Conv2dStaticSamePadding: a fixed, possibly asymmetric ZeroPad2d before the conv."""
+
+    def __init__(self, *args, pads=(0, 1, 0, 1), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d(pads)
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class _Identity(nn.Module):
+    """The efficientnet package's own identity (its 1×1 convolutions' "padding")."""
+
+    def forward(self, x):
+        return x
+
+
+def _pointwise_static(channels: int) -> nn.Conv2d:
+    conv = _StaticSameConv(channels, channels, 1)
+    conv.static_padding = _Identity()
+    return conv
+
+
+class _DoubledConv(nn.Conv2d):
+    """A Conv2d subclass whose output is not a zero-padded convolution of its input."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_conv2d_subclasses_with_static_padding_are_fitted_others_averaged():
+    """The stride-2 conv with asymmetric static padding is fitted exactly as numpy's lstsq on its padded
+    patches; a subclass that does something else is averaged, with a note."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(_StaticSameConv(2, 3, 3, stride=2), nn.ReLU(), _pointwise_static(3), nn.ReLU(),
+                          _DoubledConv(3, 2, 1)).eval() for _ in range(2)]
+    x = _inputs(6, 2, 7, 7)
+    merged, result = pleas_models(nets, [x], align="none", ridge=0.0)
+    assert [layer["layer"] for layer in result.stats["layers"]] == ["0", "2"]
+    assert any("'4' averaged" in note and "_DoubledConv" in note for note in result.stats["notes"])
+    patches = F.unfold(F.pad(x, (0, 1, 0, 1)), 3, stride=2).transpose(1, 2).reshape(-1, 18).double().numpy()
+    targets = [_out(net[0], x).movedim(1, -1).reshape(-1, 3).double().numpy() for net in nets]
+    expected = _lstsq(np.vstack([patches, patches]), np.vstack(targets))
+    actual = np.vstack([merged[0].weight.detach().double().reshape(3, -1).numpy().T,
+                        merged[0].bias.detach().double().numpy()[None]])
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+    average = (nets[0][4].weight + nets[1][4].weight) / 2
+    torch.testing.assert_close(merged[4].weight, average.detach())
+
+
 def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with a bias column, numpy's: (inputs + 1) × outputs."""
     return np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)[0]

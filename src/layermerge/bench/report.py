@@ -137,7 +137,7 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         "",
         track["description"],
         "",
-        f"- Command: `{meta.get('command', '')}`; finished {meta.get('date')}; {meta.get('seconds')} s in this "
+        f"- Command: `{meta.get('command', '')}`; started {meta.get('date')}; {meta.get('seconds')} s in this "
         f"invocation; merges on `{meta.get('device')}`.",
         f"- Machine: {json.dumps(meta.get('machine'))}.",
         f"- Experts: `{track['base']}` fine-tuned with {json.dumps(track['recipe'])}.",

@@ -138,9 +138,17 @@ PAIR_METHODS = ("task_arithmetic", "ties", "nuslerp", "regmean", "pleas")
 
 
 def pair_rows(pairs: list[tuple[str, str]], methods: tuple[str, ...] = PAIR_METHODS) -> list[AblationRow]:
-    """One row per pair and method, scored on the pair's two tasks, one sampling seed."""
-    return [AblationRow(label=f"{first}+{second}: {method}", method=method, experts=[first, second], seeds=[0])
-            for first, second in pairs for method in methods]
+    """One row per pair and method, scored on the pair's two tasks, one sampling seed; PLeaS also without
+    its permutations (align=none: experts of one base already share their units, as NP Merge runs here)."""
+    rows = []
+    for first, second in pairs:
+        for method in methods:
+            rows.append(AblationRow(label=f"{first}+{second}: {method}", method=method, experts=[first, second],
+                                    seeds=[0]))
+            if method == "pleas":
+                rows.append(AblationRow(label=f"{first}+{second}: pleas (align=none)", method=method,
+                                        params={"align": "none"}, experts=[first, second], seeds=[0]))
+    return rows
 
 
 BUILTIN_TRACKS = {

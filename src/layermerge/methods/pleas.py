@@ -130,6 +130,8 @@ class Layer:
             x, padding = _pad_same(x, kernel, dilation), 0
         elif padding == "valid":
             padding = 0
+        elif isinstance(padding, tuple) and padding and padding[0] == "pad":     # a subclass's own padding first
+            x, padding = F.pad(x, padding[1]), padding[2]
         patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
@@ -158,15 +160,20 @@ def _token_mask(batch) -> torch.Tensor | None:
 
 def find_layers(runner, state: Mapping[str, torch.Tensor], batch, notes: list[str]) -> list[Layer]:
     """Every Linear / Conv2d whose weight is merged, in the order one forward pass first calls them."""
-    candidates = {path: sub for path, sub in runner.module.named_modules() if type(sub) in (nn.Linear, nn.Conv2d)}
+    candidates = {path: sub for path, sub in runner.module.named_modules()
+                  if type(sub) is nn.Linear or isinstance(sub, nn.Conv2d)}
     norms = {path: sub for path, sub in runner.module.named_modules()
              if isinstance(sub, BATCHNORMS) and sub.track_running_stats and sub.running_mean is not None}
     order: list[str] = []
     outputs: dict[str, list] = {path: [] for path in candidates}
     norm_inputs: dict[str, list] = {path: [] for path in norms}
     handles = []
+    subclass_inputs: dict[str, list] = {path: [] for path, sub in candidates.items() if type(sub) is not nn.Linear
+                                        and type(sub) is not nn.Conv2d}
     for path, sub in candidates.items():
         handles.append(sub.register_forward_pre_hook(lambda m, args, p=path: order.append(p)))
+        if path in subclass_inputs:
+            handles.append(sub.register_forward_pre_hook(lambda m, args, p=path: subclass_inputs[p].append(args[0])))
         handles.append(sub.register_forward_hook(lambda m, args, out, p=path: outputs[p].append(out)))
     for path, sub in norms.items():
         handles.append(sub.register_forward_pre_hook(lambda m, args, p=path: norm_inputs[p].append(args[0])))
@@ -186,7 +193,7 @@ def find_layers(runner, state: Mapping[str, torch.Tensor], batch, notes: list[st
         reason = None
         if len(outputs[path]) > 1:
             reason = f"called {len(outputs[path])} times per forward pass"
-        elif type(sub) is nn.Conv2d and (sub.groups != 1 or sub.padding_mode != "zeros"):
+        elif isinstance(sub, nn.Conv2d) and (sub.groups != 1 or sub.padding_mode != "zeros"):
             reason = "grouped or non-zero-padded convolution"
         elif sub.bias is not None and (bias is None or bias not in state):
             reason = "its bias is not merged"
@@ -194,12 +201,46 @@ def find_layers(runner, state: Mapping[str, torch.Tensor], batch, notes: list[st
             notes.append(f"layer {path!r} averaged, not fitted: {reason}")
             continue
         conv = None
-        if type(sub) is nn.Conv2d:
+        if isinstance(sub, nn.Conv2d):
             padding = sub.padding if isinstance(sub.padding, str) else tuple(sub.padding)
+            if path in subclass_inputs:
+                padding = _subclass_padding(sub, state[weight], state[bias] if bias else None,
+                                            subclass_inputs[path][0], outputs[path][0])
+                if padding is None:
+                    notes.append(f"layer {path!r} averaged, not fitted: {type(sub).__name__} is a Conv2d subclass "
+                                 "whose output is not a zero-padded convolution of its input")
+                    continue
             conv = (tuple(sub.kernel_size), tuple(sub.stride), padding, tuple(sub.dilation))
         norm = _norm_after(runner, state, outputs[path][0], norm_inputs, norms)
         layers.append(Layer(path, weight, bias, conv, *norm) if norm else Layer(path, weight, bias, conv))
     return layers
+
+
+def _subclass_padding(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                      output: torch.Tensor) -> tuple | None:
+    """("pad", F.pad amounts, the conv's own padding) for a Conv2d subclass that zero-pads its input before
+    the convolution (EfficientNet's static "same" padding: a ``static_padding`` ZeroPad2d or identity), when
+    that reproduces the module's output from its input with the weights it ran with; None otherwise
+    (nothing else is fitted)."""
+    pad_module = getattr(conv, "static_padding", None)
+    if isinstance(pad_module, nn.ZeroPad2d):
+        pads = tuple(int(v) for v in pad_module.padding)
+    elif pad_module is None:
+        pads = (0, 0, 0, 0)
+    else:                               # an identity of the package's own (1×1 convolutions), checked below
+        with torch.no_grad():
+            same = pad_module(x)
+        if not (isinstance(same, torch.Tensor) and same.shape == x.shape and torch.equal(same, x)):
+            return None
+        pads = (0, 0, 0, 0)
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return None
+    with torch.no_grad():
+        rebuilt = F.conv2d(F.pad(x, pads), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                           conv.stride, conv.padding, conv.dilation, conv.groups)
+    if rebuilt.shape != output.shape or not torch.allclose(rebuilt, output, rtol=1e-4, atol=1e-5):
+        return None
+    return ("pad", pads, tuple(conv.padding))
 
 
 def _norm_after(runner, state, output, norm_inputs, norms) -> tuple | None:
