@@ -2,9 +2,12 @@
 
 The bench report's own tables give every row's scores, and its cost table only the data-driven rows;
 this prints, for the rows named (all main-study rows by default), the normalised average, the merge
-time and peak RSS, and both as ratios to Task Arithmetic in the same invocation, best first.
+time and peak RSS, and both as ratios to Task Arithmetic in the same invocation, best first. With
+``--pairs`` it pivots a study of pairwise rows (labels "<a>+<b>: <method>") into one line per method
+and one column per pair, with the mean over the pairs.
 
     python benchmarks/rows_table.py benchmarks/results/bench_glue8-minilm_issue20.json --rows tsv_m,iso_c
+    python benchmarks/rows_table.py benchmarks/results/bench_glue8-minilm_issue20.json --study pairs --pairs
 """
 
 from __future__ import annotations
@@ -38,14 +41,44 @@ def table(results: dict, rows: list[str] | None, study: str) -> str:
     return "\n".join(lines)
 
 
+def pair_table(results: dict, study: str) -> str:
+    """Normalised average of every "<pair>: <method>" row of ``study``: methods down, pairs across."""
+    cells: dict[str, dict[str, dict]] = {}
+    pairs: list[str] = []
+    for r in results["rows"]:
+        if r["study"] != study or ": " not in r["row"]:
+            continue
+        pair, method = r["row"].split(": ", 1)
+        if pair not in pairs:
+            pairs.append(pair)
+        cells.setdefault(method, {})[pair] = r.get("normalised")
+    if not cells:
+        raise SystemExit(f"rows_table: no pairwise rows ('<a>+<b>: <method>') in study {study!r}")
+
+    def mean(method: str) -> float:
+        values = [cells[method][p]["mean"] for p in pairs if cells[method].get(p)]
+        return sum(values) / len(values) if len(values) == len(pairs) else float("-inf")
+
+    lines = ["| method | " + " | ".join(pairs) + " | mean |", "|---|" + "---:|" * (len(pairs) + 1)]
+    for method in sorted(cells, key=lambda m: -mean(m)):
+        average = mean(method)
+        tail = f" | {average:.1f} |" if average > float("-inf") else " | — |"
+        lines.append(f"| {method} | " + " | ".join(stat(cells[method].get(p)) for p in pairs) + tail)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="a results JSON written by `layermerge bench --json`")
     parser.add_argument("--rows", help="comma-separated row names (default: every row of the study)")
     parser.add_argument("--study", default="main", help="main (default) or an ablation study's name")
+    parser.add_argument("--pairs", action="store_true", help="pivot pairwise rows: methods down, pairs across")
     args = parser.parse_args(argv)
     with open(args.json) as handle:
         results = json.load(handle)
+    if args.pairs:
+        print(pair_table(results, args.study))
+        return 0
     rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
     print(table(results, rows, args.study))
     return 0

@@ -227,3 +227,22 @@ def test_a_swapped_token_embedding_also_replaces_the_tied_output_head(tmp_path):
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
         reference = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(swapped, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_localize_stitch_on_causal_lms_reads_the_completion_tokens(tmp_path):
+    """Localize-and-Stitch's task loss is transformers' loss of the model at θ0 + σ(s)·τ (every score at
+    +sigmoid_bias with sparsity 1): the labels are shifted as transformers shifts them."""
+    base = tiny_llama()
+    experts, paths = save_with_experts(base, tmp_path, count=2)
+    data = labelled_lm_batches(list(paths), seed=2)
+    merged = layermerge.merge(str(tmp_path / "base"), {t: str(p) for t, p in paths.items()}, "localize_stitch",
+                              data=data, quiet=True, sparsity=1.0, steps=1)
+    gate = float(torch.sigmoid(torch.tensor(5.0)))
+    base_state = base.state_dict()
+    for task, expert in experts.items():
+        model = tiny_llama()
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(base_state[name] + gate * (expert.state_dict()[name] - base_state[name]))
+            loss = float(model(**data[task][0]).loss)
+        assert merged.summary["tasks"][task]["loss_first"] == pytest.approx(loss, rel=1e-4)

@@ -23,6 +23,11 @@ RESULTS = {"rows": [
      "time_vs_task_arithmetic": stat(12.13, 0.81, 3), "rss_vs_task_arithmetic": stat(1.15, 0.01, 3)},
     {"row": "shots=4", "study": "shots", "needs_data": True, "seeds": [0],
      "normalised": stat(40.0), "wall_s": None, "peak_rss_mib": None},
+    {"row": "a+b: ties", "study": "pairs", "normalised": stat(70.0)},
+    {"row": "a+b: pleas (align=none)", "study": "pairs", "normalised": stat(80.0)},
+    {"row": "c+d: ties", "study": "pairs", "normalised": stat(60.0)},
+    {"row": "c+d: pleas (align=none)", "study": "pairs", "normalised": stat(90.0, 1.5, 3)},
+    {"row": "a+b: nuslerp", "study": "pairs", "normalised": stat(99.0)},
 ]}
 
 
@@ -49,3 +54,14 @@ def test_chosen_rows_and_studies(tmp_path):
     assert "| shots=4 | data-driven | 40.0 | — | — | — | — | 0 |" in ablation
     missing = run(tmp_path, "--rows", "ties")
     assert missing.returncode != 0 and "no main row named ties" in missing.stderr
+
+
+def test_pairwise_rows_pivot_methods_down_pairs_across(tmp_path):
+    done = run(tmp_path, "--study", "pairs", "--pairs")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "| method | a+b | c+d | mean |"
+    assert lines[2] == "| pleas (align=none) | 80.0 | 90.0 ± 1.5 | 85.0 |"
+    assert lines[3] == "| ties | 70.0 | 60.0 | 65.0 |"
+    assert lines[4] == "| nuslerp | 99.0 | — | — |"          # a method missing a pair has no mean, and sorts last
+    assert run(tmp_path, "--study", "shots", "--pairs").returncode != 0
