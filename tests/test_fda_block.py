@@ -98,6 +98,44 @@ def test_image_blocks_take_feature_map_anchors():
     assert result.block_stats[0]["merge_lr"] == 1e-2
 
 
+def test_batchnorm_blocks_fit_weights_and_keep_the_experts_mean_statistics():
+    """Running statistics are not weights: no gradient is aligned or fitted on them (torch refuses one),
+    and the merged block keeps the experts' mean, as every other method's output does."""
+    class BatchNormNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+                                        for _ in range(2))
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    base = BatchNormNet().eval()
+    experts = {task: perturbed(base, index + 1) for index, task in enumerate(("a", "b"))}
+    for index, expert in enumerate(experts.values()):         # statistics the experts learned apart
+        for module in expert.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.fill_(0.1 * (index + 1))
+                module.running_var.fill_(1.0 + index)
+    data = {task: [{"x": torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(index))}]
+            for index, task in enumerate(experts)}
+    result = merge(base, experts, data, anchors=4, anchor_steps=5, merge_epochs=3, init_scale=1.0)
+    for block in range(2):
+        stats = result.block_stats[block]
+        assert stats["loss_final"] < stats["loss_start"]
+        assert all(record["cosine_best"] > record["cosine_first"] for record in stats["alignment"].values())
+        prefix = f"blocks.{block}.1."
+        assert torch.allclose(result.state_dict[prefix + "running_mean"], torch.full((4,), 0.15))
+        assert torch.allclose(result.state_dict[prefix + "running_var"], torch.full((4,), 1.5))
+        weight = f"blocks.{block}.0.weight"
+        assert not torch.equal(result.state_dict[weight], base.state_dict()[weight])
+
+
 def test_deterministic_for_a_seed():
     base, experts, data = llama_setup()
     first = merge(base, experts, data, anchors=4, anchor_steps=5, merge_epochs=2)

@@ -38,6 +38,7 @@ from layermerge.methods.fda import (
     task_arithmetic_start,
 )
 from layermerge.methods.registry import register
+from layermerge.norm_stats import is_running_statistic, mean_of_experts
 
 
 def one_example_extras(extras: tuple[tuple, dict], size: int, example: int) -> tuple[tuple, dict]:
@@ -68,14 +69,19 @@ class BlockFunctionalDualAnchors(DataDrivenMethod):
         if ctx.world_size > 1:
             raise ConfigError("fda_block builds its anchors from one few-shot example per task on one process; "
                               "run it without torchrun")
-        keys = [name for name, tensor in ctx.base.items() if tensor.is_floating_point()]
+        # Weights are aligned and fitted; normalisation running statistics are not weights: the merged
+        # block keeps the experts' mean, as every other method's output does (layermerge.norm_stats).
+        keys = [name for name, tensor in ctx.base.items()
+                if tensor.is_floating_point() and not is_running_statistic(name)]
+        statistics = {name: mean_of_experts([ctx.experts[task][name] for task in ctx.tasks])
+                      for name, tensor in ctx.base.items() if tensor.is_floating_point() and is_running_statistic(name)}
         vectors = {task: {key: ctx.experts[task][key] - ctx.base[key] for key in keys} for task in ctx.tasks}
         templates = {task: self._template(ctx, task) for task in ctx.tasks}
 
         def represent(task, weights, anchors):
             extras = templates[task][1]
-            return call_block(ctx.module, {**ctx.base, **weights} if weights else ctx.experts[task], anchors, extras,
-                              ctx.dtype)
+            return call_block(ctx.module, {**ctx.base, **statistics, **weights} if weights else ctx.experts[task],
+                              anchors, extras, ctx.dtype)
 
         anchors, targets, alignment = {}, {}, {}
         with sdpa_kernel([SDPBackend.MATH]):          # fused attention has no second derivative
@@ -101,15 +107,16 @@ class BlockFunctionalDualAnchors(DataDrivenMethod):
         stacked = None
         if p.start == "task_arithmetic":
             stacked = {key: torch.stack([vectors[task][key] for task in ctx.tasks]) for key in keys}
-            start = task_arithmetic_start(ctx.base, stacked, p.scaling)
+            start = {**task_arithmetic_start(ctx.base, stacked, p.scaling), **statistics}
         else:
-            start = dict(ctx.base)
+            start = {**ctx.base, **statistics}
         merged = MergedBackbone(start, keys, stacked)
         token_blocks = len(templates[ctx.tasks[0]][0]) == 2
         lr = p.merge_lr if p.merge_lr is not None else MERGE_LR[(p.start, "text" if token_blocks else "pixels")]
         weights, fit = fit_and_measure(merged, represent, anchors, targets, p, lr, ctx.generator,
                                        lambda it: ctx.progress(it, "fda_block: fitting"))
-        params = {name: (weights[name] if name in weights else tensor).detach() for name, tensor in ctx.base.items()}
+        merged_block = {**ctx.base, **weights}          # the start's statistics: the experts' mean
+        params = {name: merged_block[name].detach() for name in ctx.base}
         stats = {"anchor_shape": list(templates[ctx.tasks[0]][0]), "alignment": alignment, "merge_lr": lr,
                  "merge_steps": fit["steps"], "loss_start": round(fit["loss_start"], 6),
                  "loss_final": round(fit["loss_final"], 6),
