@@ -75,19 +75,24 @@ def test_anchors_align_the_gradient_with_the_task_vector_and_the_fit_follows_the
         assert stats["loss_final"] < 0.8 * stats["loss_start"], stats
 
 
+class ConvNet(nn.Module):
+    """A stem, then two blocks of conv (+ BatchNorm with ``norm``) and ReLU: the engine's blocks."""
+
+    def __init__(self, norm: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1),
+                                                  *([nn.BatchNorm2d(4)] if norm else []), nn.ReLU())
+                                    for _ in range(2))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 def test_image_blocks_take_feature_map_anchors():
-    class ConvNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 4, 3, padding=1)
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(2))
-
-        def forward(self, x):
-            x = self.stem(x)
-            for block in self.blocks:
-                x = block(x)
-            return x
-
     torch.manual_seed(0)
     base = ConvNet().eval()
     experts = {task: perturbed(base, index + 1) for index, task in enumerate(("a", "b"))}
@@ -101,21 +106,8 @@ def test_image_blocks_take_feature_map_anchors():
 def test_batchnorm_blocks_fit_weights_and_keep_the_experts_mean_statistics():
     """Running statistics are not weights: no gradient is aligned or fitted on them (torch refuses one),
     and the merged block keeps the experts' mean, as every other method's output does."""
-    class BatchNormNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 4, 3, padding=1)
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-                                        for _ in range(2))
-
-        def forward(self, x):
-            x = self.stem(x)
-            for block in self.blocks:
-                x = block(x)
-            return x
-
     torch.manual_seed(0)
-    base = BatchNormNet().eval()
+    base = ConvNet(norm=True).eval()
     experts = {task: perturbed(base, index + 1) for index, task in enumerate(("a", "b"))}
     for index, expert in enumerate(experts.values()):         # statistics the experts learned apart
         for module in expert.modules():
