@@ -32,7 +32,12 @@ from layermerge.errors import ConfigError, DataError
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.radix_select import KthLargestMagnitude
 from layermerge.methods.registry import MethodParams, register
-from layermerge.methods.supervision import IGNORE_INDEX, predicts_next_token, supervised_loss_sum
+from layermerge.methods.supervision import (
+    IGNORE_INDEX,
+    predicted_labels,
+    predicts_next_token,
+    supervised_loss_sum,
+)
 
 LABEL_KEYS = ("labels", "label")
 
@@ -83,11 +88,6 @@ def labels_of(task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- localize
-def predicted_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
-    """The labels the loss reads: per-token labels of a next-token model lose their first position."""
-    return labels[:, 1:] if shift and labels.dim() == 2 else labels
-
-
 def learn_scores(task: str, base: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],
                  scores: dict[str, torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]],
                  logits_fn: Callable, *, lr: float, steps: int, l1_weight: float,

@@ -42,6 +42,11 @@ def prediction_targets(logits: torch.Tensor, labels: torch.Tensor, *, shift: boo
                       "input token (IGNORE_INDEX -100 where there is none) for a language model")
 
 
+def predicted_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """The labels some position predicts: a next-token model's per-token labels lose their first."""
+    return labels[:, 1:] if shift and labels.dim() == 2 else labels
+
+
 def supervised_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False
                         ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy, or squared error for a one-output head, and the number of labelled
@@ -63,4 +68,5 @@ def correct_count(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = F
     return int((logits.argmax(-1)[keep] == labels[keep]).sum()), int(keep.sum())
 
 
-__all__ = ["IGNORE_INDEX", "correct_count", "prediction_targets", "predicts_next_token", "supervised_loss_sum"]
+__all__ = ["IGNORE_INDEX", "correct_count", "predicted_labels", "prediction_targets", "predicts_next_token",
+           "supervised_loss_sum"]
