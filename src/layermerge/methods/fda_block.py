@@ -69,8 +69,8 @@ class BlockFunctionalDualAnchors(DataDrivenMethod):
         if ctx.world_size > 1:
             raise ConfigError("fda_block builds its anchors from one few-shot example per task on one process; "
                               "run it without torchrun")
-        # Weights are aligned and fitted; normalisation running statistics are not weights: the merged
-        # block keeps the experts' mean, as every other method's output does (layermerge.norm_stats).
+        # Weights are aligned and fitted; normalisation running statistics are not weights: the fit starts
+        # from (and keeps) the experts' mean, as every other method's output does (layermerge.norm_stats).
         keys = [name for name, tensor in ctx.base.items()
                 if tensor.is_floating_point() and not is_running_statistic(name)]
         statistics = {name: mean_of_experts([ctx.experts[task][name] for task in ctx.tasks])
@@ -80,7 +80,7 @@ class BlockFunctionalDualAnchors(DataDrivenMethod):
 
         def represent(task, weights, anchors):
             extras = templates[task][1]
-            return call_block(ctx.module, {**ctx.base, **statistics, **weights} if weights else ctx.experts[task],
+            return call_block(ctx.module, {**ctx.base, **weights} if weights else ctx.experts[task],
                               anchors, extras, ctx.dtype)
 
         anchors, targets, alignment = {}, {}, {}

@@ -27,7 +27,6 @@ from layermerge.methods.registry import MethodParams, register
 from layermerge.methods.supervision import IGNORE_INDEX, predicted_labels, prediction_targets, predicts_next_token
 
 LogitsFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
-IGNORE_LABEL = IGNORE_INDEX
 
 
 # --------------------------------------------------------------------- the pure core
@@ -140,7 +139,7 @@ def diagonal_fisher(logits_fn: LogitsFn, params: Mapping[str, torch.Tensor], bat
             if label is None:
                 raise DataError("fisher_labels='true' needs labels in every few-shot batch; give labelled data "
                                 "or choose fisher_labels='sampled' or 'expected'")
-            if not label.is_floating_point() and not bool((predicted_labels(label, shift) != IGNORE_LABEL).any()):
+            if not label.is_floating_point() and not bool((predicted_labels(label, shift) != IGNORE_INDEX).any()):
                 continue
         inputs = {key: value for key, value in example.items() if key != "labels"}
         logits = logits_fn(leaves, inputs)
