@@ -24,7 +24,15 @@ from layermerge.engine import BlockResult
 from layermerge.engine.diagnostics import squared_error
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients
-from layermerge.methods.fitting import Patience, StoppingRule, Tolerance, TrainPrecision, fit, resolve_precision
+from layermerge.methods.fitting import (
+    Patience,
+    Schedule,
+    StoppingRule,
+    Tolerance,
+    TrainPrecision,
+    fit,
+    resolve_precision,
+)
 from layermerge.methods.registry import MethodParams, register
 
 
@@ -42,6 +50,7 @@ class DistillMerge(DataDrivenMethod):
         batch_size: int = Field(16, ge=1, description="examples per Adam step (whole cached batches grouped)")
         patience: Patience = 0
         tolerance: Tolerance = 0.0
+        schedule: Schedule = "constant"
         train_precision: TrainPrecision = "float32"
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element, one per task per tensor, or one per task per block")
@@ -64,7 +73,8 @@ class DistillMerge(DataDrivenMethod):
 
         precision = resolve_precision(p.train_precision, ctx.device, nn.ModuleList(ctx.modules))
         losses = fit(ctx, leaves, group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
-                     stop=StoppingRule(p.patience, p.tolerance), precision=precision)
+                     stop=StoppingRule(p.patience, p.tolerance), precision=precision,
+                     schedule=p.schedule)
         final = [block.final() for block in blocks]
         with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * error(final, ref)) for ref in ctx.local_pairs())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -22,6 +23,7 @@ from torch import nn
 from layermerge.engine.capture import has_convolutions
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+SCHEDULES = ("constant", "cosine", "linear")
 
 # The parameters of the loop, shared by the methods that use it (each sets its own defaults).
 Patience = Annotated[int, Field(ge=0, description="stop training (a block's, for ProDistill) after this many "
@@ -34,6 +36,21 @@ TrainPrecision = Annotated[Literal[PRECISIONS], Field(
                 "optimiser, streams and final weights stay float32), or auto (bfloat16 where the device "
                 "multiplies it natively, AMX/AVX512-BF16 CPUs or GPUs with bfloat16, and the block has no "
                 "convolutions)")]
+
+Schedule = Annotated[Literal[SCHEDULES], Field(
+    description="learning rate over the epochs: constant (the paper), or decayed step by step from lr to 0 "
+                "at the last epoch, along a half cosine or a straight line")]
+
+
+def scheduled_lr(lr: float, schedule: str, progress: float) -> float:
+    """The learning rate at ``progress`` (0 at the first step, 1 after the last epoch) of ``schedule``."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return lr * (1.0 - progress)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -127,14 +144,17 @@ def adam(leaves: list[torch.Tensor], lr: float) -> torch.optim.Adam:
 
 
 def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tensor], *, lr: float, epochs: int,
-        batch_size: int, stop: StoppingRule | None = None, precision: str = "float32") -> list[float]:
+        batch_size: int, stop: StoppingRule | None = None, precision: str = "float32",
+        schedule: str = "constant") -> list[float]:
     """Adam on ``leaves``; returns the loss summed over each epoch run (over all ranks).
 
     Every epoch the cached batches are shuffled by ``ctx.generator`` (the same order on every rank)
     and grouped until ``batch_size`` examples; ``group_loss(local_refs)`` is the loss of the group's
     batches this rank holds, computed under ``training_precision(precision)``. At most ``epochs``
     epochs, fewer when ``stop`` says so. Empty when there is nothing to learn (no leaves, lr 0 or
-    0 epochs).
+    0 epochs). ``schedule`` sets the learning rate of each step (``scheduled_lr``): progress counts
+    the pairs seen out of ``epochs`` × all pairs, so a decay ends at the last epoch allowed, whether or
+    not ``stop`` ends training sooner.
     """
     if not leaves or lr <= 0 or epochs <= 0:
         return []
@@ -143,7 +163,8 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
     precision = resolve_precision(precision, ctx.device)
     optimizer = adam(leaves, lr)
     losses: list[float] = []
-    for _ in ctx.progress(range(epochs), desc="epochs"):
+    scheduled_lr(lr, schedule, 0.0)                  # an unknown schedule fails before any work
+    for epoch in ctx.progress(range(epochs), desc="epochs"):
         order = torch.randperm(len(refs), generator=ctx.generator).tolist()
         epoch_loss, group, group_size = 0.0, [], 0
         for position, ref_index in enumerate(order):
@@ -163,6 +184,10 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
                 if leaf.grad is None:
                     leaf.grad = torch.zeros_like(leaf)
             ctx.all_reduce_([leaf.grad for leaf in leaves])
+            if schedule != "constant":                # the pairs seen before this step, of all epochs'
+                progress = (epoch * len(order) + position + 1 - len(group)) / (epochs * len(order))
+                for settings in optimizer.param_groups:
+                    settings["lr"] = scheduled_lr(lr, schedule, progress)
             optimizer.step()
             epoch_loss += ctx.sum(value)
             group, group_size = [], 0

@@ -28,7 +28,15 @@ from layermerge.engine import BlockResult, run_engine
 from layermerge.engine.diagnostics import squared_error
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients
-from layermerge.methods.fitting import Patience, StoppingRule, Tolerance, TrainPrecision, fit, resolve_precision
+from layermerge.methods.fitting import (
+    Patience,
+    Schedule,
+    StoppingRule,
+    Tolerance,
+    TrainPrecision,
+    fit,
+    resolve_precision,
+)
 from layermerge.methods.registry import MethodParams, register
 
 
@@ -47,6 +55,7 @@ class ProDistill(DataDrivenMethod):
                                                       "grouped up to this size; paper: 16 NLU, 128 vision)")
         patience: Patience = 2
         tolerance: Tolerance = 0.01
+        schedule: Schedule = "constant"
         train_precision: TrainPrecision = "auto"
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element (paper), one per task per tensor, or one per task per "
@@ -79,7 +88,8 @@ class ProDistill(DataDrivenMethod):
         fallback = None
         try:
             losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
-                         stop=StoppingRule(p.patience, p.tolerance), precision=precision)
+                         stop=StoppingRule(p.patience, p.tolerance), precision=precision,
+                         schedule=p.schedule)
         except RuntimeError as exc:
             if p.train_precision != "auto" or precision == "float32":
                 raise
@@ -90,7 +100,8 @@ class ProDistill(DataDrivenMethod):
             coefficients = MergingCoefficients(ctx.module, ctx.base, ctx.experts, ctx.tasks, p.init, p.granularity,
                                                ctx.device)
             losses = fit(ctx, coefficients.leaves(), group_loss, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
-                         stop=StoppingRule(p.patience, p.tolerance), precision=precision)
+                         stop=StoppingRule(p.patience, p.tolerance), precision=precision,
+                         schedule=p.schedule)
         final = coefficients.final()
         with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
