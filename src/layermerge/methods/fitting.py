@@ -4,7 +4,7 @@
 loss of the batches it holds, gradients are summed across ranks before every step, so all ranks take
 identical steps. It stops early when a ``StoppingRule`` says the epoch loss has flattened, and can
 run the block's matmuls in bfloat16 (``training_precision``) while λ, the loss and the optimiser stay
-in float32.
+in float32. Large depthwise convolutions take a faster weight gradient (``layermerge.methods.depthwise``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from layermerge.engine.capture import has_convolutions
+from layermerge.methods.depthwise import faster_depthwise
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -176,7 +177,7 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
             local = [ref for ref in group if ctx.is_local(ref)]
             value = 0.0
             if local:
-                with training_precision(precision, ctx.device):
+                with training_precision(precision, ctx.device), faster_depthwise(ctx.device):
                     loss = group_loss(local)
                 loss.backward()
                 value = float(loss.detach())
