@@ -219,3 +219,135 @@ def test_convolution_blocks_run_channels_last_with_the_same_values():
     assert out.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(out, block(hidden), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- learning-rate schedule
+def test_scheduled_lr_by_hand():
+    from layermerge.methods.fitting import scheduled_lr
+
+    assert scheduled_lr(0.1, "constant", 0.7) == 0.1
+    assert scheduled_lr(0.1, "cosine", 0.0) == pytest.approx(0.1)
+    assert scheduled_lr(0.1, "cosine", 0.5) == pytest.approx(0.05)
+    assert scheduled_lr(0.1, "cosine", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_lr(0.1, "linear", 0.25) == pytest.approx(0.075)
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_lr(0.1, "step", 0.5)
+
+
+def test_schedule_sets_every_steps_learning_rate(monkeypatch):
+    """``fit`` hands Adam lr × the schedule at the share of pairs seen before each step."""
+    from layermerge.methods import fitting
+
+    seen = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+
+    class Ref:
+        def __init__(self, size):
+            self.size = size
+
+    class Context:
+        device = torch.device("cpu")
+        generator = torch.Generator().manual_seed(0)
+        refs = [Ref(2) for _ in range(4)]
+
+        def pairs(self):
+            return self.refs
+
+        def is_local(self, ref):
+            return True
+
+        def progress(self, iterable, desc):
+            return iterable
+
+        def all_reduce_(self, tensors):
+            return None
+
+        def sum(self, value):
+            return value
+
+    leaf = torch.zeros(3, requires_grad=True)
+    losses = fitting.fit(Context(), [leaf], lambda refs: (leaf - 1).pow(2).sum() * len(refs), lr=0.2, epochs=3,
+                         batch_size=4, schedule="linear")
+    assert len(losses) == 3
+    # 4 pairs of 2 examples, 2 pairs per step: steps start after 0, 2, 4, ... of 12 pairs
+    assert seen == pytest.approx([0.2 * (1 - seen_pairs / 12) for seen_pairs in range(0, 12, 2)])
+
+
+def test_a_decaying_schedule_is_deterministic_and_differs_from_constant(family_models):
+    model, expert_set, data = bert_setup(family_models)
+    runs = [prodistill_merge(model(), expert_set, data, lr=0.05, epochs=3, batch_size=3, schedule=schedule,
+                             engine_options={"seed": 1}) for schedule in ("cosine", "cosine", "constant")]
+    for key, tensor in runs[0].state_dict.items():
+        assert torch.equal(tensor, runs[1].state_dict[key]), key
+    assert any(not torch.equal(tensor, runs[2].state_dict[key]) for key, tensor in runs[0].state_dict.items())
+
+
+# --------------------------------------------------------------------- depthwise weight gradient
+@pytest.mark.parametrize("stride,padding,size", [(1, 0, 6), (2, 0, 7), (1, 2, 4), ((2, 1), (1, 2), 5)])
+def test_offset_sum_depthwise_gradient_matches_onednn(stride, padding, size):
+    """Forward bit for bit, input gradient oneDNN's own, weight and bias gradients as autograd's (float64
+    reference) for the 5 × 5 depthwise convolutions it takes over."""
+    import torch.nn.functional as F
+
+    from layermerge.methods.depthwise import faster_depthwise, takes_offset_sum
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 1, 5, 5, generator=generator)
+    bias = torch.randn(6, generator=generator)
+    assert takes_offset_sum(x, weight.requires_grad_(), stride, padding, 1, 6)
+    results = []
+    for mode in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        with faster_depthwise(torch.device("cpu")) if mode else torch.enable_grad():
+            out = F.conv2d(leaves[0], leaves[1], leaves[2], stride, padding, 1, 6)
+        assert (type(out.grad_fn).__name__ == "DepthwiseConv2dBackward") == mode     # the path taken
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [leaf.grad for leaf in leaves]))
+    (fast_out, fast_grads), (slow_out, slow_grads) = results
+    assert torch.equal(fast_out, slow_out)
+    assert torch.equal(fast_grads[0], slow_grads[0])
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    F.conv2d(*leaves, stride, padding, 1, 6).pow(2).sum().backward()
+    for fast, exact in zip(fast_grads[1:], [leaf.grad for leaf in leaves[1:]]):
+        torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_offset_sum_leaves_other_convolutions_alone():
+    from layermerge.methods.depthwise import takes_offset_sum
+
+    x = torch.randn(2, 8, 6, 6)
+    depthwise = torch.randn(8, 1, 5, 5, requires_grad=True)
+    assert takes_offset_sum(x, depthwise, 1, 0, 1, 8)
+    assert not takes_offset_sum(x, torch.randn(8, 1, 3, 3, requires_grad=True), 1, 0, 1, 8)   # small kernel
+    assert not takes_offset_sum(x, torch.randn(8, 8, 5, 5, requires_grad=True), 1, 0, 1, 1)   # dense
+    assert not takes_offset_sum(torch.randn(2, 8, 12, 12), depthwise, 1, 0, 1, 8)             # 64 outputs
+    assert not takes_offset_sum(x, depthwise, 1, 0, 2, 8)                                      # dilated
+    assert not takes_offset_sum(x, depthwise.detach(), 1, 0, 1, 8)                             # no gradient
+    assert not takes_offset_sum(x.double(), depthwise, 1, 0, 1, 8)
+
+
+# --------------------------------------------------------------------- the final loss, measured on the push
+def test_the_engine_measures_the_final_loss_the_method_would_compute(family_models, monkeypatch):
+    """ProDistill's final loss now comes from the engine's push of z_m (one forward pass less per batch):
+    the same number as the method's own extra pass (``recompute_expert_outputs`` keeps that path)."""
+    from layermerge.methods.prodistill import ProDistill
+
+    model, expert_set, data = bert_setup(family_models)
+    calls = []
+    original = ProDistill._error
+    monkeypatch.setattr(ProDistill, "_error", lambda self, *args: calls.append(1) or original(self, *args))
+    pushed = prodistill_merge(model(), expert_set, data, lr=0.01, epochs=2, batch_size=3)
+    pushed_calls, calls[:] = len(calls), []
+    computed = prodistill_merge(model(), expert_set, data, lr=0.01, epochs=2, batch_size=3,
+                                recompute_expert_outputs=True)
+    batches = sum(len(batches) for batches in data.values())
+    assert len(calls) - pushed_calls == batches * len(pushed.block_stats)     # one pass per batch and block less
+    for mine, theirs in zip(pushed.block_stats, computed.block_stats):
+        assert mine["loss_final"] == pytest.approx(theirs["loss_final"], rel=1e-6)

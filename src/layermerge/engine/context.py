@@ -25,11 +25,18 @@ from layermerge.progress import progress
 @dataclass
 class BlockResult:
     """A method's answer for one block: merged weights (block-relative names), optional artifacts
-    (tensors saved with the output, e.g. learned coefficients) and JSON-able stats (losses...)."""
+    (tensors saved with the output, e.g. learned coefficients) and JSON-able stats (losses...).
+
+    ``loss_weights`` (per task) asks the engine for the block's final loss: as it pushes the merged
+    stream through the merged block, it measures each task's Σ‖Block(W; z_m) − Block(θ_i; z_i)‖²
+    (padding left out) and records Σ_task weight × error, summed over ranks, as ``stats["loss_final"]``
+    — the same number a method would get from one more forward pass over every batch, for free.
+    """
 
     params: dict[str, torch.Tensor]
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    loss_weights: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

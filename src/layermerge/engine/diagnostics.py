@@ -12,16 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from layermerge.engine.block_error import squared_error
 from layermerge.engine.context import BlockContext, BlockResult
 from layermerge.engine.driver import run_engine
-
-
-def squared_error(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """‖output − target‖² summed over tokens and features (in fp32), padding tokens left out."""
-    squared = (output.float() - target.float()).pow(2)
-    if mask is not None:
-        squared = squared * mask.reshape(*mask.shape, *([1] * (squared.dim() - mask.dim()))).to(squared.dtype)
-    return squared.sum()
 
 
 class FixedWeights:

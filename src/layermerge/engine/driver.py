@@ -31,6 +31,7 @@ from torch import nn
 from layermerge.blocks import BlockPlan
 from layermerge.distributed import SINGLE, DataParallel, resolve_device
 from layermerge.engine.batching import group_by_length, padding_share
+from layermerge.engine.block_error import squared_error
 from layermerge.engine.cache import ActivationCache
 from layermerge.engine.capture import call_block_outputs, capture_block_inputs, hidden_of, outputs_at
 from layermerge.engine.checkpoint import RunCheckpoint
@@ -471,20 +472,31 @@ class BlockEngine:
                     self.streams.put_carried("expert", task, ref.batch, outputs_at(output, handed_on), pending=True)
 
     @torch.no_grad()
-    def _push(self, index: int, module: nn.Module, merged: dict[str, torch.Tensor] | None) -> None:
-        """z_m ← Block(W*; z_m) and z_i ← Block(θ_i; z_i) (already computed as the expert outputs)."""
+    def _push(self, index: int, module: nn.Module, merged: dict[str, torch.Tensor] | None,
+              loss_weights: Mapping[str, float] | None = None) -> float | None:
+        """z_m ← Block(W*; z_m) and z_i ← Block(θ_i; z_i) (already computed as the expert outputs).
+
+        With ``loss_weights`` (see ``BlockResult``), also returns Σ_task weight × Σ‖Block(W*; z_m) − y_i‖²
+        over this rank's batches, measured on the outputs just pushed."""
         handed_on = self._handed_on(index)
+        loss = 0.0 if loss_weights is not None and merged is not None else None
         for task in self.tasks:
             for ref in self.streams.local_refs(task):
                 if merged is not None:
                     hidden = self.cache.get(("zm", task, ref.batch)).to(self.device)
                     extra = self.streams.extra("merged", task, ref.batch, index, self.device)
                     output = call_block_outputs(module, merged, hidden, extra, self.dtype)
+                    if loss is not None:
+                        mask = self.streams.masks[(task, ref.batch)]
+                        target = self.cache.get(("yi", task, ref.batch)).to(self.device)
+                        loss += loss_weights[task] * float(squared_error(
+                            hidden_of(output), target, None if mask is None else mask.to(self.device)))
                     self.cache.put(("zm", task, ref.batch), hidden_of(output))
                     if handed_on:
                         self.streams.put_carried("merged", task, ref.batch, outputs_at(output, handed_on))
                 self.cache.rename(("yi", task, ref.batch), ("zi", task, ref.batch))
                 self.streams.commit_carried("expert", task, ref.batch, handed_on)
+        return loss
 
     def _normalise(self, index: int, result) -> BlockResult:
         if isinstance(result, Mapping):
@@ -578,10 +590,12 @@ class BlockEngine:
                                self.device, generator, len(self.plan), self.dtype, self.parallel)
             ctx.quiet = self.quiet
             result = self._normalise(index, self.merger.merge_block(ctx))
-            if checkpoint is not None and self.parallel.is_writer:      # with the time a resumed run reports
-                checkpoint.save_block(index, result.params, result.artifacts, result.stats,
-                                      round(time.perf_counter() - started, 4))
-        self._push(index, module, {k: v.detach() for k, v in result.params.items()})
+        loss = self._push(index, module, {k: v.detach() for k, v in result.params.items()}, result.loss_weights)
+        if loss is not None:
+            result.stats["loss_final"] = self.parallel.sum(loss, self.device)
+        if index >= finished and checkpoint is not None and self.parallel.is_writer:   # with the time a
+            checkpoint.save_block(index, result.params, result.artifacts, result.stats,   # resume reports
+                                  round(time.perf_counter() - started, 4))
         return result
 
     def _run_network(self, sink: EngineSink, block_seconds: list[float]) -> list[dict]:

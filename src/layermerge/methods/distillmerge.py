@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from layermerge.engine import BlockResult
-from layermerge.engine.diagnostics import squared_error
+from layermerge.engine.block_error import squared_error
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients
 from layermerge.methods.fitting import (

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from layermerge.engine import BlockResult, run_engine
-from layermerge.engine.diagnostics import squared_error
+from layermerge.engine.block_error import squared_error
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients
 from layermerge.methods.fitting import (
@@ -103,14 +103,17 @@ class ProDistill(DataDrivenMethod):
                          stop=StoppingRule(p.patience, p.tolerance), precision=precision,
                          schedule=p.schedule)
         final = coefficients.final()
+        stats = {"loss_first_epoch": losses[0] if losses else None,
+                 "loss_last_epoch": losses[-1] if losses else None,
+                 "epochs_run": len(losses), "epoch_losses": losses,
+                 "train_precision": precision, **({"precision_fallback": fallback} if fallback else {})}
+        if p.input_mode == "dual" and not p.recompute_expert_outputs:
+            # the loss of the final weights is the engine's to measure as it pushes z_m through them
+            return BlockResult(final, coefficients.artifacts(), stats, loss_weights=scale)
         with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
                              for ref in ctx.local_pairs())
-        stats = {"loss_first_epoch": losses[0] if losses else None,
-                 "loss_last_epoch": losses[-1] if losses else None,
-                 "loss_final": ctx.sum(local_loss), "epochs_run": len(losses), "epoch_losses": losses,
-                 "train_precision": precision, **({"precision_fallback": fallback} if fallback else {})}
-        return BlockResult(final, coefficients.artifacts(), stats)
+        return BlockResult(final, coefficients.artifacts(), {**stats, "loss_final": ctx.sum(local_loss)})
 
     # ----------------------------------------------------------------- pieces
     def _targets(self, ctx) -> dict:
