@@ -189,7 +189,8 @@ def test_registered_and_parameters_validated():
 
     info = _REGISTRY["prodistill"]
     assert info.kind == "block" and info.needs_data
-    assert validate_params(info, {}).lr == 0.01 and validate_params(info, {}).init == 0.3
+    defaults = validate_params(info, {})
+    assert (defaults.lr, defaults.batch_size, defaults.init) == (0.03, 64, 0.3)
     with pytest.raises(ConfigError, match="granularity"):
         validate_params(info, {"granularity": "row"})
 
