@@ -1,0 +1,157 @@
+"""Three pieces of a ProDistill step timed in isolation, to decide what to change next (issue 15).
+
+    .venv/bin/python benchmarks/prodistill_kernels.py --threads 1 --json benchmarks/results/prodistill_kernels.json
+
+* ``lambda``: the λ-sized work of one step for MiniLM's layer shapes and eight tasks: today's path
+  (``coefficients.combine`` for W(λ), its backward from a given ∂L/∂W, fused Adam) against one
+  ``torch.compile``d function doing τ ⊙ ∂L/∂W, Adam and the next W(λ) (static shapes; the first call's
+  compilation time reported apart).
+* ``attention``: ``scaled_dot_product_attention`` forward + backward on 64 × 12 heads × 72 tokens × 32
+  with a padding mask, bfloat16 and float32, math path and flash kernel.
+* ``depthwise``: forward + backward of each EfficientNet-Lite0 block (random weights, batch 16 at
+  64 × 64, channels-last) with oneDNN's weight gradient and with ``methods.depthwise.faster_depthwise``.
+
+Median of repeated calls, milliseconds; the numbers vary with the machine's load, so compare only
+within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+
+def median_ms(function, repeats: int = 12, warmup: int = 3) -> float:
+    durations = []
+    for call in range(repeats + warmup):
+        started = time.perf_counter()
+        function()
+        if call >= warmup:
+            durations.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(durations), 2)
+
+
+def lambda_part(tasks: int = 8) -> dict:
+    from layermerge.methods.coefficients import combine
+
+    shapes = [(384, 384)] * 4 + [(384,)] * 6 + [(1536, 384), (1536,), (384, 1536), (384,)]
+    generator = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(tasks, *shape, generator=generator) * 0.01 for shape in shapes]
+    starts = [torch.randn(*shape, generator=generator) for shape in shapes]
+    grads = [torch.randn(*shape, generator=generator) for shape in shapes]
+
+    deltas = [torch.zeros(tasks, *shape, requires_grad=True) for shape in shapes]
+    optimizer = torch.optim.Adam(deltas, lr=0.01, fused=True)
+
+    def today():
+        optimizer.zero_grad(set_to_none=True)
+        weights = [combine(start, delta, vector) for start, delta, vector in zip(starts, deltas, vectors)]
+        torch.autograd.backward(weights, grads)
+        optimizer.step()
+
+    def update(delta, first, second, vector, grad, start, lr, bias1, bias2_root):
+        gradient = vector * grad
+        first.mul_(0.9).add_(gradient, alpha=0.1)
+        second.mul_(0.999).addcmul_(gradient, gradient, value=0.001)
+        delta.addcdiv_(first, (second.sqrt() / bias2_root).add_(1e-8), value=-lr / bias1)
+        return start + (delta * vector).sum(0)
+
+    flat = [(torch.zeros(tasks, vector[0].numel()), vector.reshape(tasks, -1), grad.reshape(-1), start.reshape(-1))
+            for vector, grad, start in zip(vectors, grads, starts)]
+    moments = [(torch.zeros_like(delta), torch.zeros_like(delta)) for delta, *_ in flat]
+    compiled = torch.compile(update, dynamic=False)
+    step = [0]
+
+    def fused():
+        step[0] += 1
+        bias1 = torch.tensor(1 - 0.9 ** step[0])
+        bias2_root = torch.tensor((1 - 0.999 ** step[0]) ** 0.5)
+        for (delta, vector, grad, start), (first, second) in zip(flat, moments):
+            compiled(delta, first, second, vector, grad, start, 0.01, bias1, bias2_root)
+
+    started = time.perf_counter()
+    fused()
+    compile_s = round(time.perf_counter() - started, 2)
+    return {"tasks": tasks, "today_ms": median_ms(today), "compiled_ms": median_ms(fused),
+            "compile_first_call_s": compile_s}
+
+
+def attention_part(batch: int = 64, length: int = 72) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
+    mask = (torch.arange(length)[None] < lengths[:, None])[:, None, None, :].expand(batch, 1, length, length)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, backend in (("math", SDPBackend.MATH), ("flash", SDPBackend.FLASH_ATTENTION)):
+            q, k, v = (torch.randn(batch, 12, length, 32, generator=generator, dtype=dtype).requires_grad_()
+                       for _ in range(3))
+
+            def call(q=q, k=k, v=v, backend=backend):
+                with sdpa_kernel([backend]):
+                    result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                result.float().pow(2).sum().backward()
+
+            out[f"{str(dtype).replace('torch.', '')} {name}"] = median_ms(call)
+    return {"shape": f"{batch} x 12 heads x {length} tokens x 32", "forward_backward_ms": out}
+
+
+def depthwise_part() -> dict:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from layermerge.methods.depthwise import faster_depthwise
+
+    model = EfficientNet.from_name("efficientnet-lite0").eval()
+    inputs, hidden = [], torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model._swish(model._bn0(model._conv_stem(hidden)))
+        for block in model._blocks:
+            inputs.append(hidden.contiguous(memory_format=torch.channels_last))
+            hidden = block(hidden)
+    per_block = {}
+    for index, block in enumerate(model._blocks):
+        params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
+        times = {}
+        for label, offset_sum in (("oneDNN", False), ("offset sum", True)):
+            def call(block=block, params=params, hidden=inputs[index], offset_sum=offset_sum):
+                with faster_depthwise(torch.device("cpu")) if offset_sum else torch.enable_grad():
+                    output = torch.func.functional_call(block, params, (hidden,))
+                output.pow(2).sum().backward()
+
+            times[label] = median_ms(call, repeats=8, warmup=2)
+        per_block[f"block {index} {tuple(inputs[index].shape)}"] = times
+    totals = {label: round(sum(times[label] for times in per_block.values()), 1) for label in ("oneDNN", "offset sum")}
+    return {"model": "EfficientNet-Lite0, batch 16 at 64x64, channels-last", "forward_backward_ms": per_block,
+            "total_ms": totals}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", default="lambda,attention,depthwise")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = {"lambda": lambda_part, "attention": attention_part, "depthwise": depthwise_part}
+    result = {"threads": args.threads, "torch": torch.__version__}
+    for name in args.parts.split(","):
+        result[name] = parts[name]()
+        print(name, json.dumps(result[name], indent=1), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
