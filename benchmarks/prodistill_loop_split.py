@@ -29,30 +29,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))       # prodistill_speed's track_context
 
 
 def track_config(track_name: str, overrides: dict) -> dict:
     """The merge config ``layermerge bench`` would write for the track's ProDistill row (seed 0)."""
-    from layermerge.bench.runner import BenchContext, Run, locate_cached_experts, merge_config
-    from layermerge.bench.tracks import load_track
-    from layermerge.finetune import cache_root
+    from prodistill_speed import track_context
 
-    track = load_track(track_name)
-    ctx = BenchContext(track, workdir=Path(tempfile.gettempdir()), cache_dir=cache_root(None), quiet=True)
-    if not locate_cached_experts(ctx):
-        raise SystemExit(f"the experts of {track.name} are not fine-tuned yet: run "
-                         f"`layermerge bench {track.name} --stages experts` first")
-    if ctx.base is None:
-        from layermerge.demo import minilm_path, prepared_base_path
-        from layermerge.finetune import make_settings, vision_base_folder
+    from layermerge.bench.runner import Run, merge_config
 
-        if track.base == "minilm":
-            ctx.base = prepared_base_path(minilm_path(), ctx.cache_dir)
-        else:
-            ctx.base = vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir,
-                                          make_settings(**track.recipe).image_size)
-    params = {**track.method_params.get("prodistill", {}), **overrides}
-    config = merge_config(ctx, Run(row="split", method="prodistill", params=params, shots=track.shots, seed=0))
+    ctx = track_context(track_name)
+    params = {**ctx.track.method_params.get("prodistill", {}), **overrides}
+    config = merge_config(ctx, Run(row="split", method="prodistill", params=params, shots=ctx.track.shots, seed=0))
     config["engine"] = {"device": "cpu", "seed": 0}
     return config
 

@@ -95,6 +95,31 @@ def measured_merge(config: dict, folder: Path, name: str, pythonpath: Path | Non
     return cost
 
 
+def track_context(track_name: str, cache_dir: Path | None = None):
+    """The bench context of a track whose experts are fine-tuned, with its base located."""
+    from layermerge.bench.runner import BenchContext, locate_cached_experts, model_folder
+    from layermerge.bench.tracks import load_track
+    from layermerge.finetune import cache_root
+
+    track = load_track(track_name)
+    ctx = BenchContext(track, workdir=Path(tempfile.gettempdir()), cache_dir=cache_root(cache_dir), quiet=True)
+    if not locate_cached_experts(ctx):
+        raise SystemExit(f"the experts of {track.name} are not fine-tuned yet: run "
+                         f"`layermerge bench {track.name} --stages experts` first")
+    if ctx.base is None:
+        from layermerge.demo import minilm_path, prepared_base_path
+        from layermerge.finetune import make_settings, vision_base_folder
+
+        if track.base == "minilm":
+            ctx.base = prepared_base_path(minilm_path(), ctx.cache_dir)
+        elif track.base.startswith("vision:"):
+            ctx.base = vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir,
+                                          make_settings(**track.recipe).image_size)
+        else:
+            ctx.base = model_folder(track.base, ctx.cache_dir)
+    return ctx
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--track", default="glue8-minilm")
@@ -115,28 +140,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from layermerge.bench.runner import BenchContext, Run, locate_cached_experts, merge_config, model_folder
-    from layermerge.bench.tracks import load_track
+    from layermerge.bench.runner import Run, merge_config
     from layermerge.eval.evaluate import evaluate_task
-    from layermerge.finetune import cache_root
     from layermerge.methods.registry import get_method
 
-    track = load_track(args.track)
-    ctx = BenchContext(track, workdir=Path(tempfile.gettempdir()), cache_dir=cache_root(args.cache_dir), quiet=True)
-    if not locate_cached_experts(ctx):
-        raise SystemExit(f"the experts of {track.name} are not fine-tuned yet: run "
-                         f"`layermerge bench {track.name} --stages experts` first")
-    if ctx.base is None:
-        from layermerge.demo import minilm_path, prepared_base_path
-        from layermerge.finetune import make_settings, vision_base_folder
-
-        if track.base == "minilm":
-            ctx.base = prepared_base_path(minilm_path(), ctx.cache_dir)
-        elif track.base.startswith("vision:"):
-            ctx.base = vision_base_folder(track.base.split(":", 1)[1], ctx.cache_dir,
-                                          make_settings(**track.recipe).image_size)
-        else:
-            ctx.base = model_folder(track.base, ctx.cache_dir)
+    ctx = track_context(args.track, args.cache_dir)
+    track = ctx.track
     runs = [parse_run(text) for text in args.run]
     seeds = [int(s) for s in args.seeds.split(",")]
 
