@@ -351,3 +351,20 @@ def test_the_engine_measures_the_final_loss_the_method_would_compute(family_mode
     assert len(calls) - pushed_calls == batches * len(pushed.block_stats)     # one pass per batch and block less
     for mine, theirs in zip(pushed.block_stats, computed.block_stats):
         assert mine["loss_final"] == pytest.approx(theirs["loss_final"], rel=1e-6)
+
+
+def test_bfloat16_training_runs_the_attention_in_float32():
+    """Under ``training_precision('bfloat16')`` on the CPU the linear layers multiply in bfloat16 and
+    ``scaled_dot_product_attention`` runs in float32 (its output float32, equal to a float32 call)."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(3))
+    mask = torch.tensor([True, True, True, False, False]).expand(2, 1, 5, 5)
+    weight = torch.randn(4, 4, generator=generator)
+    with training_precision("bfloat16", torch.device("cpu")):
+        attended = F.scaled_dot_product_attention(q.bfloat16(), k, v, attn_mask=mask)
+        projected = F.linear(attended, weight)
+    assert attended.dtype == torch.float32 and projected.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.bfloat16().float(), k, v, attn_mask=mask)
+    torch.testing.assert_close(attended, expected, rtol=1e-6, atol=1e-6)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from layermerge.engine.capture import has_convolutions
 from layermerge.methods.depthwise import faster_depthwise
@@ -116,21 +118,40 @@ def resolve_precision(precision: str, device: torch.device, module: nn.Module | 
     return precision
 
 
+class Float32Attention(TorchFunctionMode):
+    """``scaled_dot_product_attention`` in float32, outside autocast (CPU training under bfloat16).
+
+    oneDNN's bfloat16 attention was the slowest way on this project's CPU: forward + backward of
+    64 × 12 heads × 72 tokens took 87.7 ms by the matmul-softmax path and 263.4 ms by the fused
+    kernel in bfloat16, 59.5 ms by the fused (flash) kernel in float32 (docs/BENCHMARKS.md). The
+    block's linear layers stay in bfloat16; attention's inputs are cast up, its output goes on as
+    float32 and the next matmul casts it down again.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        args = tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
+        kwargs = {key: value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+                  for key, value in kwargs.items()}
+        with torch.autocast("cpu", enabled=False):
+            return func(*args, **kwargs)
+
+
 def training_precision(precision: str, device: torch.device):
     """A context for the training forward passes: float32 as is, or bfloat16 matmuls by autocast.
 
     Autocast keeps normalisation, softmax and reductions in float32 and hands float32 gradients back
-    to λ. On the CPU the attention runs by the plain matmul-softmax path: oneDNN's bfloat16 matmuls are
-    fast (AMX), its fused bfloat16 attention backward is not (measured in docs/BENCHMARKS.md).
+    to λ. On the CPU the attention runs in float32 (``Float32Attention``): oneDNN's bfloat16 matmuls
+    are fast (AMX), its bfloat16 attention is not (measured in docs/BENCHMARKS.md).
     """
     if resolve_precision(precision, device) == "float32":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
     if device.type == "cpu":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        stack.enter_context(Float32Attention())
     return stack
 
 
