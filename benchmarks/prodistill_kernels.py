@@ -10,9 +10,14 @@
   with a padding mask, bfloat16 and float32, math path and flash kernel.
 * ``depthwise``: forward + backward of each EfficientNet-Lite0 block (random weights, batch 16 at
   64 × 64, channels-last) with oneDNN's weight gradient and with ``methods.depthwise.faster_depthwise``.
+* ``convnet``: where a training pass of all sixteen Lite0 blocks spends its time, by kind of operation
+  (``torch.profiler``, each block's weights built from leaf tensors as W(λ) is, four cached batches of
+  16 per step as the vision track's ProDistill step at batch 64, ``faster_depthwise`` on): convolution
+  forward and backward, batch norm, ReLU6, the explicit zero padding the model does before each
+  depthwise convolution ("same" padding), and the rest.
 
 Median of repeated calls, milliseconds; the numbers vary with the machine's load, so compare only
-within one run.
+within one run. ``--json`` keeps the parts of an earlier run that this run does not measure.
 """
 
 from __future__ import annotations
@@ -106,18 +111,24 @@ def attention_part(batch: int = 64, length: int = 72) -> dict:
     return {"shape": f"{batch} x 12 heads x {length} tokens x 32", "forward_backward_ms": out}
 
 
-def depthwise_part() -> dict:
+def lite0_inputs(batch: int):
+    """EfficientNet-Lite0 (random weights, eval mode) and each block's input, channels-last."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from layermerge.methods.depthwise import faster_depthwise
-
     model = EfficientNet.from_name("efficientnet-lite0").eval()
-    inputs, hidden = [], torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    inputs, hidden = [], torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model._swish(model._bn0(model._conv_stem(hidden)))
         for block in model._blocks:
             inputs.append(hidden.contiguous(memory_format=torch.channels_last))
             hidden = block(hidden)
+    return model, inputs
+
+
+def depthwise_part() -> dict:
+    from layermerge.methods.depthwise import faster_depthwise
+
+    model, inputs = lite0_inputs(16)
     per_block = {}
     for index, block in enumerate(model._blocks):
         params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
@@ -135,15 +146,64 @@ def depthwise_part() -> dict:
             "total_ms": totals}
 
 
+# Operations whose inclusive times never nest in one another, by kind (forward ATen ops, backward nodes).
+CONVNET_KINDS = {
+    "convolution forward": ("aten::convolution",),
+    "convolution backward": ("ConvolutionBackward0", "DepthwiseConv2dBackward"),
+    "batch norm forward": ("aten::batch_norm",),
+    "batch norm backward": ("NativeBatchNormBackward0",),
+    "ReLU6 forward": ("aten::hardtanh",),
+    "ReLU6 backward": ("HardtanhBackward0",),
+    "zero padding forward": ("aten::constant_pad_nd",),
+    "zero padding backward": ("ConstantPadNdBackward0",),
+}
+
+
+def convnet_part(batch: int = 16, batches_per_step: int = 4, steps: int = 3) -> dict:
+    from torch.profiler import profile
+
+    from layermerge.methods.depthwise import faster_depthwise
+
+    model, inputs = lite0_inputs(batch)
+    leaves = [{name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
+              for block in model._blocks]
+
+    def step():
+        for block, params, hidden in zip(model._blocks, leaves, inputs):
+            weights = {name: leaf * 1.0 for name, leaf in params.items()}      # a non-leaf, as W(λ)
+            with faster_depthwise(torch.device("cpu")):
+                loss = sum(torch.func.functional_call(block, weights, (hidden,)).pow(2).sum()
+                           for _ in range(batches_per_step))
+            loss.backward()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    total_ms = 1000 * (time.perf_counter() - started) / steps
+    inclusive = {event.key: event.cpu_time_total / 1000 / steps for event in prof.key_averages()}
+    kinds = {kind: round(sum(inclusive.get(name, 0.0) for name in names), 1) for kind, names in CONVNET_KINDS.items()}
+    kinds["rest (W, loss, autograd, Python)"] = round(total_ms - sum(kinds.values()), 1)
+    return {"model": f"EfficientNet-Lite0, 16 blocks, {batches_per_step} x batch {batch} at 64x64 per step, "
+                     "channels-last, float32", "step_ms_profiled": round(total_ms, 1), "by_kind_ms": kinds,
+            "share": {kind: round(value / total_ms, 3) for kind, value in kinds.items()}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="lambda,attention,depthwise")
+    parser.add_argument("--parts", default="lambda,attention,depthwise,convnet")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    parts = {"lambda": lambda_part, "attention": attention_part, "depthwise": depthwise_part}
-    result = {"threads": args.threads, "torch": torch.__version__}
+    parts = {"lambda": lambda_part, "attention": attention_part, "depthwise": depthwise_part,
+             "convnet": convnet_part}
+    result = {}
+    if args.json is not None and args.json.exists():
+        result = json.loads(args.json.read_text())
+    result.update({"threads": args.threads, "torch": torch.__version__})
     for name in args.parts.split(","):
         result[name] = parts[name]()
         print(name, json.dumps(result[name], indent=1), flush=True)

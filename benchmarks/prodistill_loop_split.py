@@ -6,8 +6,10 @@
 Builds the track's merge exactly as ``layermerge bench`` does (its experts, shots, max length, seed 0,
 its ProDistill parameters, then ``--set KEY=VALUE`` on top), runs ``layermerge merge`` in this process
 with timers wrapped around the pieces of the loop (no library code is edited), and prints, per call
-and in total: building W(λ) (``MergingCoefficients.weights``), the block's forward and loss over the
-step's cached batches (``ProDistill._error``), ``loss.backward()`` (which includes τ ⊙ ∂L/∂W), Adam's
+and in total: building W(λ) (``MergingCoefficients.weights``), loading the cached inputs, planning
+which batches share a block call (``Stacking.plan``), the block's forward and loss per block call
+(``ProDistill._call_error``, stacked batches or one by one; ``_error`` inside it counts the batches run
+on their own), ``loss.backward()`` (which includes τ ⊙ ∂L/∂W), Adam's
 step and zero_grad, each block's training (``fit``) and the whole merge. ``--set epochs=0`` gives the
 merge's fixed cost (capture, the expert and merged stream forwards, output). Timers are inclusive per
 wrapped call; the error calls also count the engine-free passes a method makes outside training.
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         overrides[key] = yaml.safe_load(value)
 
     from layermerge.cli import main as layermerge_main
-    from layermerge.methods import coefficients, prodistill
+    from layermerge.methods import coefficients, prodistill, stacking
 
     seconds, calls = collections.defaultdict(float), collections.defaultdict(int)
 
@@ -79,7 +81,10 @@ def main(argv=None) -> int:
         setattr(owner, name, wrapper)
 
     timed(coefficients.MergingCoefficients, "weights", "W(λ)")
-    timed(prodistill.ProDistill, "_error", "forward + loss, per cached batch")
+    timed(prodistill.ProDistill, "_input", "loading a cached input")
+    timed(stacking.Stacking, "plan", "planning the block calls")
+    timed(prodistill.ProDistill, "_call_error", "forward + loss, per block call")
+    timed(prodistill.ProDistill, "_error", "forward + loss, per unstacked batch")
     timed(torch.Tensor, "backward", "backward")
     timed(torch.optim.Adam, "step", "Adam step")
     timed(torch.optim.Adam, "zero_grad", "zero_grad")

@@ -368,3 +368,99 @@ def test_bfloat16_training_runs_the_attention_in_float32():
     assert attended.dtype == torch.float32 and projected.dtype == torch.bfloat16
     expected = F.scaled_dot_product_attention(q.bfloat16().float(), k, v, attn_mask=mask)
     torch.testing.assert_close(attended, expected, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------- one block call per stack of batches
+def test_stacked_batches_give_the_loss_and_merge_of_separate_calls(monkeypatch):
+    """The toy's blocks take no tensor argument but their input and its batches have no mask, so a
+    step's batches run as one call: the same loss as one call per batch (the first block's single
+    step, at the initial λ) and, over five epochs, the same losses and merged weights up to the
+    rounding of sums in another order; no batch runs on its own."""
+    from layermerge.methods.prodistill import ProDistill
+
+    base, experts, data = toy_setup()
+    source = StateDictSource.from_models(base, experts)
+    separate_calls = []
+    original = ProDistill._error
+    monkeypatch.setattr(ProDistill, "_error", lambda self, *args: separate_calls.append(1) or original(self, *args))
+
+    def both(**params):
+        stacked = prodistill_merge(copy.deepcopy(base), source, data, lr=0.05, patience=0, **params)
+        assert separate_calls == []
+        separate = prodistill_merge(copy.deepcopy(base), source, data, lr=0.05, patience=0, stack_batches=False,
+                                    **params)
+        batches = sum(len(batches) for batches in data.values())
+        assert len(separate_calls) == batches * params["epochs"] * len(separate.block_stats)
+        separate_calls.clear()
+        return stacked, separate
+
+    stacked, separate = both(epochs=1, batch_size=64)                     # one step per block
+    assert stacked.block_stats[0]["epoch_losses"][0] == pytest.approx(separate.block_stats[0]["epoch_losses"][0],
+                                                                      rel=1e-6)
+    for key, tensor in separate.state_dict.items():                        # the step taken: the same gradient
+        torch.testing.assert_close(stacked.state_dict[key], tensor, rtol=1e-6, atol=1e-6)
+    stacked, separate = both(epochs=3, batch_size=8)
+    for mine, theirs in zip(stacked.block_stats, separate.block_stats):
+        assert mine["epoch_losses"] == pytest.approx(theirs["epoch_losses"], rel=1e-3)
+
+
+class FakeStreams:
+    """What ``Stacking`` asks of a block context: a batch's padding mask and extra arguments."""
+
+    def __init__(self, masks=None, extras=None):
+        self.masks, self.extras = masks or {}, extras or {}
+
+    def token_mask(self, ref):
+        return self.masks.get(ref)
+
+    def extra(self, ref, stream):
+        return self.extras.get(ref, ((), {"scale": 1.0}))
+
+
+def test_the_stacking_plan_groups_batches_that_can_share_a_call():
+    from layermerge.engine.context import PairRef
+    from layermerge.methods.stacking import Stacking
+
+    refs = [PairRef("a", batch, 4) for batch in range(7)]
+    inputs = [torch.zeros(4, 3, 8, 8) for _ in refs]
+    inputs[5] = torch.zeros(4, 3, 6, 6)                                  # another example shape
+    masks = {refs[2]: torch.ones(4, 8, dtype=torch.bool)}                # padding: tied to its own length
+    extras = {refs[3]: ((torch.zeros(4),), {})}                          # a tensor argument
+    plan = Stacking(FakeStreams(masks, extras)).plan(refs, inputs)
+    assert plan == [[0, 1], [2], [3], [4], [5], [6]]
+    assert Stacking(FakeStreams()).plan(refs[:5], inputs[:5]) == [[0, 1, 2, 3, 4]]
+    per_batch = inputs[0].numel() * 4
+    assert Stacking(FakeStreams(), max_bytes=2 * per_batch).plan(refs[:5], inputs[:5]) == [[0, 1], [2, 3], [4]]
+    assert Stacking(FakeStreams(), enabled=False).plan(refs[:3], inputs[:3]) == [[0], [1], [2]]
+
+
+class BatchStatisticsBlock(torch.nn.Module):
+    """A residual block whose normalisation uses the batch's own statistics even in eval mode, so an
+    example's output depends on the other examples of its call."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width, bias=False)
+        self.norm = torch.nn.BatchNorm1d(width, affine=False, track_running_stats=False)
+
+    def forward(self, x, scale):
+        return x + torch.tanh(self.norm(self.linear(x))) * scale
+
+
+def test_a_block_that_mixes_examples_runs_batch_by_batch():
+    """The check on the first stack finds that stacking changes such a block's outputs: it runs one call
+    per batch, exactly as with stacking off."""
+    base, experts, data = toy_setup()
+    for model in (base, *experts.values()):
+        for position, layer in enumerate(model.layers):
+            replacement = BatchStatisticsBlock(layer.linear.in_features)
+            replacement.linear.weight.data.copy_(layer.linear.weight.data)
+            model.layers[position] = replacement.eval()
+    source = StateDictSource.from_models(base, experts)
+    checked = prodistill_merge(copy.deepcopy(base), source, data, lr=0.05, epochs=3, batch_size=8, patience=0)
+    separate = prodistill_merge(copy.deepcopy(base), source, data, lr=0.05, epochs=3, batch_size=8, patience=0,
+                                stack_batches=False)
+    for mine, theirs in zip(checked.block_stats, separate.block_stats):
+        assert mine["epoch_losses"] == theirs["epoch_losses"]
+    for key, tensor in separate.state_dict.items():
+        assert torch.equal(checked.state_dict[key], tensor), key

@@ -41,6 +41,7 @@ from layermerge.methods.fitting import (
     resolve_precision,
 )
 from layermerge.methods.registry import MethodParams, register
+from layermerge.methods.stacking import Stacking, weighted_squared_error
 
 
 @register("prodistill", summary="few-shot layer-wise distillation of element-wise merging coefficients "
@@ -67,6 +68,10 @@ class ProDistill(DataDrivenMethod):
         input_mode: Literal["dual", "merged", "expert"] = Field(
             "dual", description="dual: merged block on z_m vs expert on z_i (paper); merged: both on z_m; "
                                 "expert: both on z_i")
+        stack_batches: bool = Field(
+            True, description="run a step's cached batches through the block in one call where the block "
+                              "takes no tensor argument but its input and no batch has padding (CNN blocks); "
+                              "checked once per block to give the same outputs as separate calls")
         recompute_expert_outputs: bool = Field(
             False, description="recompute the expert outputs at every step instead of once per block "
                                "(same result, slower; for timing comparisons)")
@@ -83,10 +88,14 @@ class ProDistill(DataDrivenMethod):
                                            ctx.device)
         targets = self._targets(ctx)
         scale = {task: 1.0 / (2 * len(ctx.tasks) * ctx.num_examples(task)) for task in ctx.tasks}
+        stacking = Stacking(ctx, self._stream(), enabled=p.stack_batches)
 
         def group_loss(refs):
             weights = coefficients.weights()
-            return sum(scale[ref.task] * self._error(ctx, weights, ref, targets) for ref in refs)
+            inputs = [self._input(ctx, ref) for ref in refs]
+            return sum(self._call_error(ctx, weights, [refs[i] for i in call], [inputs[i] for i in call],
+                                        targets, scale, stacking)
+                       for call in stacking.plan(refs, inputs))
 
         precision = resolve_precision(p.train_precision, ctx.device, ctx.module)
         fallback = None
@@ -138,13 +147,32 @@ class ProDistill(DataDrivenMethod):
                 return ctx.run_expert(ref.task, ctx.expert_input(ref), ref)
         return targets[ref].to(ctx.device) if mode == "merged" else ctx.expert_output(ref)
 
-    def _error(self, ctx, weights, ref, targets) -> torch.Tensor:
+    def _stream(self) -> str:
+        """The stream the merged block is trained on."""
+        return "expert" if self.params.input_mode == "expert" else "merged"
+
+    def _input(self, ctx, ref) -> torch.Tensor:
+        return ctx.expert_input(ref) if self.params.input_mode == "expert" else ctx.merged_input(ref)
+
+    def _error(self, ctx, weights, ref, targets, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """‖Block(W; input) − target‖² summed over tokens and features, padding tokens left out."""
-        if self.params.input_mode == "expert":
-            output = ctx.run(weights, ctx.expert_input(ref), ref, "expert")
-        else:
-            output = ctx.run(weights, ctx.merged_input(ref), ref, "merged")
+        hidden = self._input(ctx, ref) if hidden is None else hidden
+        output = ctx.run(weights, hidden, ref, self._stream())
         return squared_error(output, self._target(ctx, ref, targets), ctx.token_mask(ref))
+
+    def _call_error(self, ctx, weights, refs, inputs, targets, scale, stacking) -> torch.Tensor:
+        """The scaled loss of ``refs``' batches: in one block call when ``stacking`` planned them together
+        (and its check passes), else batch by batch."""
+        def run(hidden, ref):
+            return ctx.run(weights, hidden, ref, self._stream())
+
+        if len(refs) > 1 and (stacking.verified or (stacking.verified is None and stacking.verify(run, refs, inputs))):
+            target = torch.cat([self._target(ctx, ref, targets) for ref in refs])
+            row_weights = torch.cat([torch.full((hidden.shape[0],), scale[ref.task], device=hidden.device)
+                                     for ref, hidden in zip(refs, inputs)])
+            return weighted_squared_error(run(torch.cat(inputs), refs[0]), target, row_weights)
+        return sum(scale[ref.task] * self._error(ctx, weights, ref, targets, hidden)
+                   for ref, hidden in zip(refs, inputs))
 
 
 def prodistill_merge(model, weights, data, *, engine_options: dict | None = None, **params):
