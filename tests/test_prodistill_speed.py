@@ -464,3 +464,140 @@ def test_a_block_that_mixes_examples_runs_batch_by_batch():
         assert mine["epoch_losses"] == theirs["epoch_losses"]
     for key, tensor in separate.state_dict.items():
         assert torch.equal(checked.state_dict[key], tensor), key
+
+
+# --------------------------------------------------------------------- batch norms folded into convolutions
+class ConvNormBlock(torch.nn.Module):
+    """conv → batch norm → ReLU6 twice, the first convolution called as a function on the block's own
+    weight (as EfficientNet's "same"-padding convolutions are), the second as a module; a residual."""
+
+    def __init__(self, channels, bias=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(channels, 1, 3, 3) * 0.3)
+        self.norm1 = torch.nn.BatchNorm2d(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 1, bias=bias)
+        self.norm2 = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x, scale=1.0):
+        h = torch.nn.functional.relu6(self.norm1(torch.nn.functional.conv2d(x, self.weight, None, 1, 1, 1,
+                                                                            x.shape[1])))
+        return x + self.norm2(self.conv2(h)) * scale
+
+
+def conv_norm_block(seed, channels=4, bias=False):
+    torch.manual_seed(seed)
+    block = ConvNormBlock(channels, bias)
+    for norm in (block.norm1, block.norm2):
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    return block.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_block_gives_the_blocks_outputs_and_gradients(bias):
+    from layermerge.engine import call_block
+    from layermerge.methods.folding import fold_block
+
+    block = conv_norm_block(0, bias=bias)
+    folded = fold_block(block, ((), {"scale": 0.5}))
+    assert [fold.norm for fold in folded.folds] == ["norm1", "norm2"]
+    assert [fold.bias for fold in folded.folds] == [None, "conv2.bias" if bias else None]
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    leaves = {name: tensor.detach().clone().requires_grad_() for name, tensor in block.named_parameters()}
+    buffers = dict(block.named_buffers())
+
+    def gradients(run):
+        for leaf in leaves.values():
+            leaf.grad = None
+        output = run({name: leaf * 1.0 for name, leaf in leaves.items()})
+        output.pow(2).sum().backward()
+        return output.detach(), {name: leaf.grad.clone() for name, leaf in leaves.items()}
+
+    expected, expected_grads = gradients(lambda w: call_block(block, {**w, **buffers}, x, ((), {"scale": 0.5})))
+    output, grads = gradients(lambda w: folded.run(folded.weights(w), x))
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
+    assert folded.matches(dict(block.named_parameters()), x, ((), {"scale": 0.5}))
+    assert not folded.matches(dict(block.named_parameters()), x, ((), {"scale": 0.25}))   # traced for 0.5
+
+
+def test_only_foldable_pairs_are_folded():
+    from layermerge.methods.folding import fold_block
+
+    block = conv_norm_block(0)
+    assert fold_block(block, ((torch.ones(1),), {})) is None                            # a tensor argument
+    assert fold_block(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.ReLU()), ((), {})) is None   # no norm
+    training = conv_norm_block(0)
+    training.norm2.train()
+    assert [fold.norm for fold in fold_block(training, ((), {})).folds] == ["norm1"]   # batch statistics: kept
+    sequential = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2)).eval()   # module conv
+    assert len(fold_block(sequential, ((), {})).folds) == 1
+
+    class TwoUsers(torch.nn.Module):                                    # the convolution's output used twice
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.norm(h) + h
+
+    assert fold_block(TwoUsers().eval(), ((), {})) is None
+
+    class Untraceable(torch.nn.Module):                                 # control flow on the input's values
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    assert fold_block(Untraceable().eval(), ((), {})) is None
+
+
+class ConvToy(torch.nn.Module):
+    """A stem convolution, three conv/batch-norm blocks and a head: a CNN small enough for the engine."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.layers = torch.nn.ModuleList(conv_norm_block(position) for position in range(3))
+        self.head = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x, scale=1.0)
+        return self.head(x.flatten(1))
+
+
+def test_prodistill_trains_through_folded_batch_norms_with_the_same_loss():
+    """With batch norms folded, a conv/batch-norm model's first step has the unfolded loss and both
+    runs end in the same place up to rounding; every block reports its two folds."""
+    torch.manual_seed(0)
+    base = ConvToy().eval()
+    experts = {}
+    for task in ("a", "b"):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, tensor in expert.named_parameters():
+                if "layers" in name:
+                    tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(ord(task))) * 0.1)
+        experts[task] = expert
+    generator = torch.Generator().manual_seed(3)
+    data = {task: [{"x": torch.randn(4, 1, 6, 6, generator=generator)} for _ in range(2)] for task in experts}
+    source = StateDictSource.from_models(base, experts)
+    runs = {}
+    for fold in (True, False):
+        runs[fold] = prodistill_merge(copy.deepcopy(base), source, data, lr=0.01, epochs=1, batch_size=64,
+                                      patience=0, fold_batch_norms=fold)
+    folded, plain = runs[True], runs[False]
+    assert [stats["folded_batch_norms"] for stats in folded.block_stats] == [2, 2, 2]
+    assert [stats["folded_batch_norms"] for stats in plain.block_stats] == [0, 0, 0]
+    assert folded.block_stats[0]["epoch_losses"][0] == pytest.approx(plain.block_stats[0]["epoch_losses"][0],
+                                                                     rel=1e-5)
+    for key, tensor in plain.state_dict.items():
+        torch.testing.assert_close(folded.state_dict[key], tensor, rtol=1e-5, atol=1e-5)

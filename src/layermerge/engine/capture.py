@@ -104,9 +104,9 @@ def split_hidden(args: tuple, kwargs: dict, hidden_name: str | None = None) -> t
 
 
 def call_block(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden: torch.Tensor,
-               extra: tuple[tuple, dict], dtype: torch.dtype | None = None):
+               extra: tuple[tuple, dict], dtype: torch.dtype | None = None, layout_of: nn.Module | None = None):
     """The hidden states ``block`` outputs (see ``call_block_outputs``)."""
-    return hidden_of(call_block_outputs(block, params, hidden, extra, dtype))
+    return hidden_of(call_block_outputs(block, params, hidden, extra, dtype, layout_of))
 
 
 def outputs_at(output: Any, positions: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -116,7 +116,8 @@ def outputs_at(output: Any, positions: tuple[int, ...]) -> dict[int, torch.Tenso
 
 
 def call_block_outputs(block: nn.Module, params: dict[str, torch.Tensor] | None, hidden: torch.Tensor,
-                       extra: tuple[tuple, dict], dtype: torch.dtype | None = None):
+                       extra: tuple[tuple, dict], dtype: torch.dtype | None = None,
+                       layout_of: nn.Module | None = None):
     """Run ``block`` on ``hidden`` with its extra arguments, with ``params`` in place of its own weights;
     its whole output (the hidden states, or a tuple starting with them).
 
@@ -124,9 +125,12 @@ def call_block_outputs(block: nn.Module, params: dict[str, torch.Tensor] | None,
     the autograd graph, so coefficients behind ``params`` still receive fp32 gradients. A 4-D input of
     a block with convolutions goes in channels-last, the layout oneDNN's convolutions run fastest
     on (1.3-2.2x for EfficientNet blocks here, docs/BENCHMARKS.md); the values are the same.
+    ``layout_of`` is the module whose layers decide that layout when ``block`` is a rewritten copy of
+    it (``methods.folding``).
     """
     args, kwargs = extra
-    if hidden.dim() == 4 and has_convolutions(block) and not has_group_norm(block):
+    layout_of = block if layout_of is None else layout_of
+    if hidden.dim() == 4 and has_convolutions(layout_of) and not has_group_norm(layout_of):
         hidden = hidden.contiguous(memory_format=torch.channels_last)
     if params is None:
         return block(hidden, *args, **kwargs)

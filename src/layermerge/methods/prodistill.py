@@ -40,6 +40,7 @@ from layermerge.methods.fitting import (
     fit,
     resolve_precision,
 )
+from layermerge.methods.folding import FoldedBlock, fold_block
 from layermerge.methods.registry import MethodParams, register
 from layermerge.methods.stacking import Stacking, weighted_squared_error
 
@@ -72,6 +73,10 @@ class ProDistill(DataDrivenMethod):
             True, description="run a step's cached batches through the block in one call where the block "
                               "takes no tensor argument but its input and no batch has padding (CNN blocks); "
                               "checked once per block to give the same outputs as separate calls")
+        fold_batch_norms: bool = Field(
+            True, description="train through each convolution with the eval-mode batch norm after it folded "
+                              "in (one weight-sized product per step instead of a pass over every "
+                              "activation); checked once per block to give the block's outputs")
         recompute_expert_outputs: bool = Field(
             False, description="recompute the expert outputs at every step instead of once per block "
                                "(same result, slower; for timing comparisons)")
@@ -88,12 +93,21 @@ class ProDistill(DataDrivenMethod):
                                            ctx.device)
         targets = self._targets(ctx)
         scale = {task: 1.0 / (2 * len(ctx.tasks) * ctx.num_examples(task)) for task in ctx.tasks}
-        stacking = Stacking(ctx, self._stream(), enabled=p.stack_batches)
+        stream = self._stream()
+        stacking = Stacking(ctx, stream, enabled=p.stack_batches)
+        folded = self._folded(ctx, coefficients.final()) if p.fold_batch_norms else None
+
+        def run(weights, hidden, ref):
+            if folded is None:
+                return ctx.run(weights, hidden, ref, stream)
+            return folded.run(weights, hidden, ctx.dtype)
 
         def group_loss(refs):
             weights = coefficients.weights()
+            if folded is not None:
+                weights = folded.weights(weights)
             inputs = [self._input(ctx, ref) for ref in refs]
-            return sum(self._call_error(ctx, weights, [refs[i] for i in call], [inputs[i] for i in call],
+            return sum(self._call_error(ctx, run, weights, [refs[i] for i in call], [inputs[i] for i in call],
                                         targets, scale, stacking)
                        for call in stacking.plan(refs, inputs))
 
@@ -119,7 +133,8 @@ class ProDistill(DataDrivenMethod):
         stats = {"loss_first_epoch": losses[0] if losses else None,
                  "loss_last_epoch": losses[-1] if losses else None,
                  "epochs_run": len(losses), "epoch_losses": losses,
-                 "train_precision": precision, **({"precision_fallback": fallback} if fallback else {})}
+                 "train_precision": precision, **({"precision_fallback": fallback} if fallback else {}),
+                 "folded_batch_norms": len(folded.folds) if folded is not None else 0}
         if p.input_mode == "dual" and not p.recompute_expert_outputs:
             # the loss of the final weights is the engine's to measure as it pushes z_m through them
             return BlockResult(final, coefficients.artifacts(), stats, loss_weights=scale)
@@ -154,24 +169,36 @@ class ProDistill(DataDrivenMethod):
     def _input(self, ctx, ref) -> torch.Tensor:
         return ctx.expert_input(ref) if self.params.input_mode == "expert" else ctx.merged_input(ref)
 
-    def _error(self, ctx, weights, ref, targets, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def _folded(self, ctx, weights) -> FoldedBlock | None:
+        """The block with its batch norms folded for training (``methods.folding``), when every batch
+        calls it with the same non-tensor arguments and the folded block gives its outputs."""
+        refs = ctx.local_pairs()
+        if not refs:
+            return None
+        extra = ctx.extra(refs[0], self._stream())
+        folded = fold_block(ctx.module, extra)
+        if folded is None or any(repr(ctx.extra(ref, self._stream())) != repr(extra) for ref in refs[1:]):
+            return None
+        return folded if folded.matches(weights, self._input(ctx, refs[0]), extra, ctx.dtype) else None
+
+    def _error(self, ctx, weights, ref, targets, hidden: torch.Tensor | None = None, run=None) -> torch.Tensor:
         """‖Block(W; input) − target‖² summed over tokens and features, padding tokens left out."""
         hidden = self._input(ctx, ref) if hidden is None else hidden
-        output = ctx.run(weights, hidden, ref, self._stream())
+        output = ctx.run(weights, hidden, ref, self._stream()) if run is None else run(weights, hidden, ref)
         return squared_error(output, self._target(ctx, ref, targets), ctx.token_mask(ref))
 
-    def _call_error(self, ctx, weights, refs, inputs, targets, scale, stacking) -> torch.Tensor:
+    def _call_error(self, ctx, run, weights, refs, inputs, targets, scale, stacking) -> torch.Tensor:
         """The scaled loss of ``refs``' batches: in one block call when ``stacking`` planned them together
-        (and its check passes), else batch by batch."""
-        def run(hidden, ref):
-            return ctx.run(weights, hidden, ref, self._stream())
+        (and its check passes), else batch by batch; ``run(weights, hidden, ref)`` calls the block."""
+        def call(hidden, ref):
+            return run(weights, hidden, ref)
 
-        if len(refs) > 1 and (stacking.verified or (stacking.verified is None and stacking.verify(run, refs, inputs))):
+        if len(refs) > 1 and (stacking.verified or (stacking.verified is None and stacking.verify(call, refs, inputs))):
             target = torch.cat([self._target(ctx, ref, targets) for ref in refs])
             row_weights = torch.cat([torch.full((hidden.shape[0],), scale[ref.task], device=hidden.device)
                                      for ref, hidden in zip(refs, inputs)])
-            return weighted_squared_error(run(torch.cat(inputs), refs[0]), target, row_weights)
-        return sum(scale[ref.task] * self._error(ctx, weights, ref, targets, hidden)
+            return weighted_squared_error(call(torch.cat(inputs), refs[0]), target, row_weights)
+        return sum(scale[ref.task] * self._error(ctx, weights, ref, targets, hidden, run)
                    for ref, hidden in zip(refs, inputs))
 
 

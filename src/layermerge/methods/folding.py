@@ -1,0 +1,187 @@
+"""Batch norms folded into the convolutions before them, for training a CNN block's coefficients.
+
+In eval mode a batch norm after a convolution is a per-channel affine map, so the pair is one
+convolution with weight W·s and bias β − μ·s (+ b·s), s = γ / √(var + ε). Training λ through the
+pair as written pays the batch norm's forward and backward over every activation at every call;
+the folded form pays a weight-sized product once per step (``FoldedBlock.weights``) and nothing
+per activation. On EfficientNet-Lite0 the batch norms were about a seventh of a training pass
+(docs/BENCHMARKS.md, "ProDistill, faster").
+
+The block is traced with ``torch.fx`` for the extra arguments it is called with (non-tensor ones
+only), and each batch norm (``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics) whose
+input is a convolution used by nothing else is folded into it; the folded weights enter the traced
+graph under new names, so ``functional_call`` supplies them like any weight. ``fold_block`` returns
+None when the block cannot be traced or has nothing to fold; the caller then checks the folded
+block once against the block itself (``FoldedBlock.matches``) before training with it. The merged
+weights themselves are never folded: only the training passes use this form.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from layermerge.engine import call_block
+from layermerge.engine.tree import leaves
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+CONVOLUTION_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+MATCH_TOLERANCE = 1e-4          # largest |folded - block| relative to the largest |output| (float32)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One convolution and the batch norm folded into it, by the block's tensor names."""
+
+    weight: str                  # the convolution's weight
+    bias: str | None             # its bias, if any
+    norm: str                    # the batch norm's module path
+    eps: float
+    folded_weight: str           # the names the traced graph reads the folded tensors from
+    folded_bias: str
+
+
+class FoldedBlock:
+    """A traced copy of a block with its conv → batch-norm pairs folded (see the module)."""
+
+    def __init__(self, block: nn.Module, module: fx.GraphModule, folds: list[Fold]):
+        self.block = block
+        self.module = module
+        self.folds = folds
+        self.own = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+
+    def weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``weights`` (the block's, by name; missing ones are the block's own) with the folded tensors
+        added: differentiable in the convolution and batch-norm weights they come from."""
+        def tensor(name):
+            return weights[name] if name in weights else self.own[name]
+
+        folded = dict(weights)
+        for fold in self.folds:
+            gamma, beta = tensor(f"{fold.norm}.weight"), tensor(f"{fold.norm}.bias")
+            mean, var = tensor(f"{fold.norm}.running_mean"), tensor(f"{fold.norm}.running_var")
+            scale = gamma * torch.rsqrt(var + fold.eps)
+            weight = tensor(fold.weight)
+            folded[fold.folded_weight] = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            shift = beta - mean * scale
+            folded[fold.folded_bias] = shift if fold.bias is None else shift + tensor(fold.bias) * scale
+        return folded
+
+    def run(self, folded_weights: dict[str, torch.Tensor], hidden: torch.Tensor,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The folded block's output (``folded_weights`` from ``weights``), in the block's own layout; the
+        extra arguments it was traced for are part of it."""
+        return call_block(self.module, folded_weights, hidden, ((), {}), dtype, layout_of=self.block)
+
+    def matches(self, weights: dict[str, torch.Tensor], hidden: torch.Tensor, extra: tuple[tuple, dict],
+                dtype: torch.dtype | None = None) -> bool:
+        """Whether the folded block gives the block's output on ``hidden`` (no grad)."""
+        with torch.no_grad():
+            expected = call_block(self.block, weights, hidden, extra, dtype).float()
+            folded = self.run(self.weights(weights), hidden, dtype).float()
+        scale = expected.abs().max().clamp_min(1e-12)
+        return bool((folded - expected).abs().max() <= MATCH_TOLERANCE * scale)
+
+
+def fold_block(block: nn.Module, extra: tuple[tuple, dict]) -> FoldedBlock | None:
+    """The block with its conv → batch-norm pairs folded, traced for the extra arguments ``extra``
+    (positional, keyword) it is called with; None when there is nothing to fold, an extra argument
+    is a tensor, or the block cannot be traced."""
+    if not any(isinstance(module, BATCH_NORMS) for module in block.modules()):
+        return None
+    if any(isinstance(leaf, torch.Tensor) for leaf in leaves(extra)):
+        return None
+    args, kwargs = extra
+    try:
+        bound = inspect.signature(block.forward).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        first = next(iter(bound.arguments))
+        concrete = {name: value for name, value in bound.arguments.items() if name != first}
+        traced = fx.symbolic_trace(block, concrete_args=concrete)
+    except Exception:                       # noqa: BLE001 - any tracing failure means: train the block as is
+        return None
+    modules = dict(traced.named_modules())
+    folds: list[Fold] = []
+    graph = traced.graph
+    for node in list(graph.nodes):
+        fold = _fold_node(graph, node, modules, traced, len(folds))
+        if fold is not None:
+            folds.append(fold)
+    if not folds:
+        return None
+    _drop_traced_arguments(graph)
+    traced.recompile()
+    return FoldedBlock(block, traced, folds)
+
+
+def _drop_traced_arguments(graph: fx.Graph) -> None:
+    """Leave the hidden states as the traced block's only input: the extra arguments it was traced
+    for are constants of the graph (``fx`` keeps a placeholder and an equality assertion for each;
+    callers guarantee the values, ``ProDistill`` by checking every batch's arguments)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    for node in placeholders[1:]:
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _fold_node(graph: fx.Graph, node: fx.Node, modules: dict, traced: fx.GraphModule, number: int) -> Fold | None:
+    """Fold the batch norm at ``node`` into the convolution feeding it, if that is a foldable pair."""
+    if node.op != "call_module" or not isinstance(modules.get(node.target), BATCH_NORMS):
+        return None
+    norm = modules[node.target]
+    if norm.training or not norm.affine or not norm.track_running_stats or norm.running_mean is None:
+        return None
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    conv = node.args[0]
+    if len(conv.users) != 1:
+        return None
+    call = _convolution_call(conv, modules)
+    if call is None:
+        return None
+    function, hidden, weight, bias, options = call
+    folded_weight, folded_bias = f"layermerge_fold{number}_weight", f"layermerge_fold{number}_bias"
+    channels = norm.num_features
+    traced.register_buffer(folded_weight, torch.empty(0), persistent=False)
+    traced.register_buffer(folded_bias, torch.empty(channels), persistent=False)
+    with graph.inserting_before(node):
+        new = graph.call_function(function, (hidden, graph.get_attr(folded_weight), graph.get_attr(folded_bias),
+                                             *options))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    graph.erase_node(conv)
+    return Fold(weight, bias, node.target, norm.eps, folded_weight, folded_bias)
+
+
+def _convolution_call(conv: fx.Node, modules: dict):
+    """(function, input, weight name, bias name or None, (stride, padding, dilation, groups)) of a
+    convolution node whose weight (and bias) are the block's own tensors, else None."""
+    if conv.op == "call_module":
+        module = modules.get(conv.target)
+        if type(module) not in CONVOLUTIONS or module.padding_mode != "zeros" or len(conv.args) != 1 or conv.kwargs:
+            return None
+        bias = f"{conv.target}.bias" if module.bias is not None else None
+        return (CONVOLUTIONS[type(module)], conv.args[0], f"{conv.target}.weight", bias,
+                (module.stride, module.padding, module.dilation, module.groups))
+    if conv.op != "call_function" or conv.target not in CONVOLUTION_FUNCTIONS:
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    call = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, **dict(zip(names, conv.args)),
+            **conv.kwargs}
+    weight, bias = call["weight"], call["bias"]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    function = {torch.conv1d: F.conv1d, torch.conv2d: F.conv2d, torch.conv3d: F.conv3d}.get(conv.target, conv.target)
+    return (function, call["input"], weight.target, None if bias is None else bias.target,
+            (call["stride"], call["padding"], call["dilation"], call["groups"]))
