@@ -11,10 +11,15 @@
 * ``depthwise``: forward + backward of each EfficientNet-Lite0 block (random weights, batch 16 at
   64 × 64, channels-last) with oneDNN's weight gradient and with ``methods.depthwise.faster_depthwise``.
 * ``convnet``: where a training pass of all sixteen Lite0 blocks spends its time, by kind of operation
-  (``torch.profiler``, each block's weights built from leaf tensors as W(λ) is, four cached batches of
-  16 per step as the vision track's ProDistill step at batch 64, ``faster_depthwise`` on): convolution
-  forward and backward, batch norm, ReLU6, the explicit zero padding the model does before each
-  depthwise convolution ("same" padding), and the rest.
+  (``torch.profiler``, each block's weights built from leaf tensors as W(λ) is, ``faster_depthwise``
+  on), for 64 examples as four calls of 16 with the batch norms as they are (before stacking and
+  folding) and as one call with them folded (now): convolution forward and backward, batch norm,
+  ReLU6, the explicit zero padding the model does before each depthwise convolution ("same"
+  padding), and the rest.
+* ``stacking``: forward + backward of 64 examples through each Lite0 block as four calls of 16 and as
+  stacked calls capped at 2, 4 and 8 MiB of input, and uncapped (``methods.stacking``).
+* ``folding``: forward + backward of 64 examples in one call through each Lite0 block as it is and
+  with its batch norms folded into the convolutions (``methods.folding``).
 
 Median of repeated calls, milliseconds; the numbers vary with the machine's load, so compare only
 within one run. ``--json`` keeps the parts of an earlier run that this run does not measure.
@@ -146,6 +151,63 @@ def depthwise_part() -> dict:
             "total_ms": totals}
 
 
+def lite0_training_pass(block, params: dict, parts: list[torch.Tensor], folded=None):
+    """One forward + backward of ``parts`` (separate calls) through ``block`` (or its folded form), the
+    weights built from leaf tensors as W(λ) is, under ``faster_depthwise`` as in training."""
+    from layermerge.methods.depthwise import faster_depthwise
+
+    def call():
+        weights = {name: leaf * 1.0 for name, leaf in params.items()}
+        if folded is not None:
+            weights = folded.weights(weights)
+        with faster_depthwise(torch.device("cpu")):
+            outputs = [folded.run(weights, part) if folded is not None
+                       else torch.func.functional_call(block, weights, (part,)) for part in parts]
+            loss = sum(output.pow(2).sum() for output in outputs)
+        loss.backward()
+    return call
+
+
+def stacking_part(examples: int = 64, cached: int = 16) -> dict:
+    model, inputs = lite0_inputs(examples)
+    caps = {f"{examples // cached} x {cached}": 0, "2 MiB": 2 << 20, "4 MiB": 4 << 20, "8 MiB": 8 << 20, "one call": 1 << 62}
+    per_block, totals = {}, dict.fromkeys(caps, 0.0)
+    for index, block in enumerate(model._blocks):
+        params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
+        hidden, times = inputs[index], {}
+        batch_bytes = hidden[:cached].numel() * hidden.element_size()
+        for label, cap in caps.items():
+            rows = cached
+            while rows < examples and batch_bytes * (2 * rows // cached) <= cap:
+                rows *= 2
+            parts = [hidden[start:start + rows].contiguous(memory_format=torch.channels_last)
+                     for start in range(0, examples, rows)]
+            times[label] = median_ms(lite0_training_pass(block, params, parts), repeats=5, warmup=2)
+            totals[label] += times[label]
+        per_block[f"block {index} {tuple(hidden.shape)}"] = times
+    return {"model": f"EfficientNet-Lite0, {examples} examples at 64x64 per step, cached batches of {cached}",
+            "forward_backward_ms": per_block, "total_ms": {label: round(value, 1) for label, value in totals.items()}}
+
+
+def folding_part(examples: int = 64) -> dict:
+    from layermerge.methods.folding import fold_block
+
+    model, inputs = lite0_inputs(examples)
+    per_block, totals = {}, {"as is": 0.0, "folded": 0.0}
+    for index, block in enumerate(model._blocks):
+        params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
+        folded = fold_block(block, ((), {}))
+        hidden = [inputs[index]]
+        times = {"as is": median_ms(lite0_training_pass(block, params, hidden), repeats=5, warmup=2),
+                 "folded": median_ms(lite0_training_pass(block, params, hidden, folded), repeats=5, warmup=2),
+                 "folds": len(folded.folds)}
+        totals["as is"] += times["as is"]
+        totals["folded"] += times["folded"]
+        per_block[f"block {index} {tuple(inputs[index].shape)}"] = times
+    return {"model": f"EfficientNet-Lite0, {examples} examples at 64x64 in one call", "forward_backward_ms": per_block,
+            "total_ms": {label: round(value, 1) for label, value in totals.items()}}
+
+
 # Operations whose inclusive times never nest in one another, by kind (forward ATen ops, backward nodes).
 CONVNET_KINDS = {
     "convolution forward": ("aten::convolution",),
@@ -159,47 +221,54 @@ CONVNET_KINDS = {
 }
 
 
-def convnet_part(batch: int = 16, batches_per_step: int = 4, steps: int = 3) -> dict:
+def convnet_part(examples: int = 64, cached: int = 16, steps: int = 3) -> dict:
+    """Where a training pass of Lite0's sixteen blocks spends its time, by kind of operation, before
+    (four calls of 16, batch norms as they are) and now (one call of 64, batch norms folded)."""
     from torch.profiler import profile
 
-    from layermerge.methods.depthwise import faster_depthwise
+    from layermerge.methods.folding import fold_block
 
-    model, inputs = lite0_inputs(batch)
-    leaves = [{name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
-              for block in model._blocks]
+    model, inputs = lite0_inputs(examples)
+    result = {"model": f"EfficientNet-Lite0, 16 blocks, {examples} examples at 64x64 per step, channels-last, "
+                       "float32"}
+    for label, rows, fold in ((f"{examples // cached} calls of {cached}, as is", cached, False),
+                              (f"one call of {examples}, folded", examples, True)):
+        passes = []
+        for block, hidden in zip(model._blocks, inputs):
+            params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
+            parts = [hidden[start:start + rows].contiguous(memory_format=torch.channels_last)
+                     for start in range(0, examples, rows)]
+            passes.append(lite0_training_pass(block, params, parts, fold_block(block, ((), {})) if fold else None))
 
-    def step():
-        for block, params, hidden in zip(model._blocks, leaves, inputs):
-            weights = {name: leaf * 1.0 for name, leaf in params.items()}      # a non-leaf, as W(λ)
-            with faster_depthwise(torch.device("cpu")):
-                loss = sum(torch.func.functional_call(block, weights, (hidden,)).pow(2).sum()
-                           for _ in range(batches_per_step))
-            loss.backward()
+        def step(passes=passes):
+            for one_pass in passes:
+                one_pass()
 
-    for _ in range(2):
-        step()
-    started = time.perf_counter()
-    with profile() as prof:
-        for _ in range(steps):
+        for _ in range(2):
             step()
-    total_ms = 1000 * (time.perf_counter() - started) / steps
-    inclusive = {event.key: event.cpu_time_total / 1000 / steps for event in prof.key_averages()}
-    kinds = {kind: round(sum(inclusive.get(name, 0.0) for name in names), 1) for kind, names in CONVNET_KINDS.items()}
-    kinds["rest (W, loss, autograd, Python)"] = round(total_ms - sum(kinds.values()), 1)
-    return {"model": f"EfficientNet-Lite0, 16 blocks, {batches_per_step} x batch {batch} at 64x64 per step, "
-                     "channels-last, float32", "step_ms_profiled": round(total_ms, 1), "by_kind_ms": kinds,
-            "share": {kind: round(value / total_ms, 3) for kind, value in kinds.items()}}
+        with profile() as prof:
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            total_ms = 1000 * (time.perf_counter() - started) / steps
+        inclusive = {event.key: event.cpu_time_total / 1000 / steps for event in prof.key_averages()}
+        kinds = {kind: round(sum(inclusive.get(name, 0.0) for name in names), 1)
+                 for kind, names in CONVNET_KINDS.items()}
+        kinds["rest (W, loss, autograd, Python)"] = round(total_ms - sum(kinds.values()), 1)
+        result[label] = {"step_ms_profiled": round(total_ms, 1), "by_kind_ms": kinds,
+                         "share": {kind: round(value / total_ms, 3) for kind, value in kinds.items()}}
+    return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="lambda,attention,depthwise,convnet")
+    parser.add_argument("--parts", default="lambda,attention,depthwise,convnet,stacking,folding")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = {"lambda": lambda_part, "attention": attention_part, "depthwise": depthwise_part,
-             "convnet": convnet_part}
+             "convnet": convnet_part, "stacking": stacking_part, "folding": folding_part}
     result = {}
     if args.json is not None and args.json.exists():
         result = json.loads(args.json.read_text())
