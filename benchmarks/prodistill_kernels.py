@@ -170,7 +170,8 @@ def lite0_training_pass(block, params: dict, parts: list[torch.Tensor], folded=N
 
 def stacking_part(examples: int = 64, cached: int = 16) -> dict:
     model, inputs = lite0_inputs(examples)
-    caps = {f"{examples // cached} x {cached}": 0, "2 MiB": 2 << 20, "4 MiB": 4 << 20, "8 MiB": 8 << 20, "one call": 1 << 62}
+    caps = {f"{examples // cached} x {cached}": 0, "2 MiB": 2 << 20, "4 MiB": 4 << 20, "8 MiB": 8 << 20,
+            "one call": 1 << 62}
     per_block, totals = {}, dict.fromkeys(caps, 0.0)
     for index, block in enumerate(model._blocks):
         params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
