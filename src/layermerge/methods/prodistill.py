@@ -17,7 +17,10 @@ stops once its epoch loss has improved by less than 1 % for two epochs in a row 
 tolerance=0.01``), and the block's matmuls run in bfloat16 where the hardware does that natively
 (``train_precision=auto``). The paper's schedule is ``batch_size=16, lr=0.01, patience=0,
 train_precision=float32`` (with its ``epochs``); ``schedule`` can decay the lr (measured: it cost
-quality at equal epochs).
+quality at equal epochs). Two switches change only the rounding: a step's cached batches share one
+block call where nothing ties them to their own shape (``stack_batches``, ``methods.stacking``), and
+CNN blocks train through their batch norms folded into the convolutions (``fold_batch_norms``,
+``methods.folding``).
 """
 
 from __future__ import annotations
