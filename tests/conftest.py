@@ -130,13 +130,18 @@ class BNNet(torch.nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def bn_net(seed: int) -> torch.nn.Module:
-    """A seeded BNNet with non-trivial BatchNorm weights and running statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = BNNet()
-    for bn in (model.bn1, model.bn2):
+def randomise_batch_norms_(*norms: torch.nn.Module) -> None:
+    """Non-trivial weights and running statistics for batch norms (from the global seed)."""
+    for bn in norms:
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.normal_()
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)
+
+
+def bn_net(seed: int) -> torch.nn.Module:
+    """A seeded BNNet with non-trivial BatchNorm weights and running statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = BNNet()
+    randomise_batch_norms_(model.bn1, model.bn2)
     return model.eval()

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomise_batch_norms_
 
 from layermerge.engine import StateDictSource
 from layermerge.engine.batching import group_by_length, padding_share
@@ -487,11 +488,7 @@ class ConvNormBlock(torch.nn.Module):
 def conv_norm_block(seed, channels=4, bias=False):
     torch.manual_seed(seed)
     block = ConvNormBlock(channels, bias)
-    for norm in (block.norm1, block.norm2):
-        norm.weight.data.uniform_(0.5, 1.5)
-        norm.bias.data.normal_()
-        norm.running_mean.normal_()
-        norm.running_var.uniform_(0.5, 2.0)
+    randomise_batch_norms_(block.norm1, block.norm2)
     return block.eval()
 
 
