@@ -4,8 +4,9 @@ In eval mode a batch norm after a convolution is a per-channel affine map, so th
 convolution with weight W·s and bias β − μ·s (+ b·s), s = γ / √(var + ε). Training λ through the
 pair as written pays the batch norm's forward and backward over every activation at every call;
 the folded form pays a weight-sized product once per step (``FoldedBlock.weights``) and nothing
-per activation. On EfficientNet-Lite0 the batch norms were about a seventh of a training pass
-(docs/BENCHMARKS.md, "ProDistill, faster").
+per activation. On EfficientNet-Lite0 the batch norms were 13 % of a training pass, and folding
+them took a forward + backward of its sixteen blocks from 551 to 432 ms (64 examples, one thread;
+``benchmarks/prodistill_kernels.py``, docs/BENCHMARKS.md, "ProDistill, faster").
 
 The block is traced with ``torch.fx`` for the extra arguments it is called with (non-tensor ones
 only), and each batch norm (``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics) whose

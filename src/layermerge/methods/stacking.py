@@ -11,10 +11,10 @@ the same rows, and a loss weighted per example is the same sum.
 Whether the block really treats examples independently is checked once per block
 (``Stacking.verified``) on the first stack: its outputs must match the batches run one by one, or
 the block is run batch by batch. On EfficientNet-Lite0's sixteen blocks (64 × 64 images, one
-thread), forward + backward of 64 examples took 607 ms as four calls of 16 and 495 ms as one call,
-with stacks capped at 2, 4 or 8 MiB of input in between (docs/BENCHMARKS.md, "ProDistill, faster");
-the cap (``max_bytes``, 8 MiB: all 64 of those examples in every block) keeps calls on larger images
-near the sizes measured.
+thread), forward + backward of 64 examples took 572 ms as four calls of 16 and 502 ms as one call,
+474-521 ms with stacks capped at 2, 4 or 8 MiB of input (``benchmarks/prodistill_kernels.py``, docs/
+BENCHMARKS.md, "ProDistill, faster"); the cap (``max_bytes``, 8 MiB: all 64 of those examples in
+every block) keeps calls on larger images near the sizes measured.
 """
 
 from __future__ import annotations
