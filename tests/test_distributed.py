@@ -41,7 +41,9 @@ def toy_runs(parallel=None) -> dict:
     import copy
 
     out = {}
-    for name, method in (("prodistill", ProDistill(ProDistill.Params(**TOY_PARAMS))),
+    # Stacking runs each rank's own batches in one call, so its sums round differently from one process's
+    # (15 epochs of Adam on the toy amplify that to 1e-3): the equivalence is checked batch by batch.
+    for name, method in (("prodistill", ProDistill(ProDistill.Params(**TOY_PARAMS, stack_batches=False))),
                          ("distillmerge", DistillMerge(DistillMerge.Params(**TOY_PARAMS)))):
         result = run_engine(copy.deepcopy(base), source, data, method, **options)
         out[name] = {"state": result.state_dict, "artifacts": result.artifacts, "stats": result.block_stats}
