@@ -31,7 +31,7 @@ from layermerge.engine.tree import leaves
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-CONVOLUTION_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+CONVOLUTION_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)      # the same objects as torch.conv1d/2d/3d
 MATCH_TOLERANCE = 1e-4          # largest |folded - block| relative to the largest |output| (float32)
 
 
@@ -183,6 +183,5 @@ def _convolution_call(conv: fx.Node, modules: dict):
         return None
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         return None
-    function = {torch.conv1d: F.conv1d, torch.conv2d: F.conv2d, torch.conv3d: F.conv3d}.get(conv.target, conv.target)
-    return (function, call["input"], weight.target, None if bias is None else bias.target,
+    return (conv.target, call["input"], weight.target, None if bias is None else bias.target,
             (call["stride"], call["padding"], call["dilation"], call["groups"]))
