@@ -123,7 +123,8 @@ def test_coarse_coefficients_at_lr_zero_equal_task_arithmetic(granularity):
 def test_disjoint_experts_are_recovered():
     base, experts, data = setup_toy()
     result = prodistill_merge(copy.deepcopy(base), StateDictSource.from_models(base, experts), data,
-                              lr=0.05, epochs=150, batch_size=4, patience=0, engine_options={"seed": 1})
+                              lr=0.05, epochs=150, batch_size=4, patience=0, train_precision="float32",
+                              engine_options={"seed": 1})      # bfloat16 would end 5e-3 off, by CPU kind
     for stats in result.block_stats:
         assert stats["loss_final"] < 1e-3 * stats["loss_first_epoch"]
     merged = copy.deepcopy(base)

@@ -118,6 +118,33 @@ def test_group_by_length_keeps_every_example_and_trims_the_padding():
     assert padding_share(grouped) < padding_share(batches)
 
 
+def test_batch_cuts_leave_the_fewest_padded_positions():
+    """Against every way of cutting small sorted length lists into the same number of batches."""
+    import itertools
+    import random
+
+    from layermerge.engine.batching import LARGEST_BATCH, batch_cuts
+
+    def positions(lengths, cuts):
+        return sum(lengths[start] * (end - start) for start, end in zip(cuts, cuts[1:]))
+
+    generator = random.Random(0)
+    for _ in range(200):
+        size = generator.randint(1, 4)
+        lengths = sorted((generator.randint(1, 30) for _ in range(generator.randint(1, 11))), reverse=True)
+        count = -(-len(lengths) // size)
+        cuts = batch_cuts(lengths, size)
+        assert cuts[0] == 0 and cuts[-1] == len(lengths) and len(cuts) == count + 1
+        assert all(0 < end - start <= LARGEST_BATCH * size for start, end in zip(cuts, cuts[1:]))
+        fewest = min(positions(lengths, [0, *inner, len(lengths)])
+                     for inner in itertools.combinations(range(1, len(lengths)), count - 1)
+                     if all(0 < b - a <= LARGEST_BATCH * size
+                            for a, b in zip([0, *inner], [*inner, len(lengths)])))
+        assert positions(lengths, cuts) == fewest
+    assert batch_cuts([9, 2, 2, 2, 2, 2, 2, 2], 4) == [0, 1, 8]             # one long example on its own
+    assert batch_cuts([3, 3, 3, 3, 3, 3], 2) == [0, 2, 4, 6]                # no saving: cut every ``size``
+
+
 def test_group_by_length_leaves_other_batches_alone():
     left = {"input_ids": torch.tensor([[0, 5, 6], [4, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
     images = {"pixel_values": torch.randn(2, 3, 4, 4)}
@@ -555,6 +582,65 @@ def test_only_foldable_pairs_are_folded():
     assert fold_block(Untraceable().eval(), ((), {})) is None
 
 
+class PaddedBlock(torch.nn.Module):
+    """Zero paddings before convolutions in each form: a padding module before a functional convolution
+    (EfficientNet's "same" padding), ``F.pad`` before a convolution module that pads too, and paddings
+    that must stay (one-sided, non-zero, on the channels, used twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = torch.nn.ZeroPad2d(2)
+        self.weight = torch.nn.Parameter(torch.randn(4, 1, 5, 5) * 0.3)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=(1, 0))
+        self.one_sided = torch.nn.ZeroPad2d((0, 1, 0, 1))
+        self.strided = torch.nn.Conv2d(4, 4, 3, stride=2)
+        self.last = torch.nn.Conv2d(4, 4, 1)
+        self.wider = torch.nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        functional = torch.nn.functional
+        h = functional.relu6(self.norm(functional.conv2d(self.pad(x), self.weight, None, 1, 0, 1, 4)))
+        h = self.conv(functional.pad(h, (1, 1, 2, 2)))                                # rows +2, cols +1: moved
+        h = self.strided(self.one_sided(h))                                             # one-sided: kept
+        twice = functional.pad(h, (1, 1, 1, 1))                                         # used twice: kept
+        h = self.last(twice) + twice
+        h = self.last(functional.pad(h, (1, 1, 1, 1), value=1.0))                       # not zero: kept
+        return self.wider(functional.pad(h, (0, 0, 0, 0, 1, 1)))                       # channels: kept
+
+
+def test_symmetric_zero_paddings_move_into_the_convolution():
+    from layermerge.methods.folding import fold_block
+
+    torch.manual_seed(0)
+    block = PaddedBlock()
+    randomise_batch_norms_(block.norm)
+    block.eval()
+    folded = fold_block(block, ((), {}))
+    assert folded.paddings == 2 and len(folded.folds) == 1
+    code = folded.module.code
+    assert "(2, 2)" in code and "(3, 1)" in code and "one_sided" in code          # conv paddings summed
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+    leaves = {name: tensor.detach().clone().requires_grad_() for name, tensor in block.named_parameters()}
+    buffers = dict(block.named_buffers())
+
+    def gradients(run):
+        for leaf in leaves.values():
+            leaf.grad = None
+        output = run({name: leaf * 1.0 for name, leaf in leaves.items()})
+        output.pow(2).sum().backward()
+        return output.detach(), {name: leaf.grad.clone() for name, leaf in leaves.items()}
+
+    expected, expected_grads = gradients(lambda w: torch.func.functional_call(block, {**w, **buffers}, (x,)))
+    output, grads = gradients(lambda w: folded.run(folded.weights(w), x))
+    assert output.shape == expected.shape
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4)
+    only_padding = torch.nn.Sequential(torch.nn.ZeroPad2d(1), torch.nn.Conv2d(2, 2, 3))     # no norm: still moved
+    assert fold_block(only_padding, ((), {})).paddings == 1 and fold_block(only_padding, ((), {})).folds == []
+
+
 class ConvToy(torch.nn.Module):
     """A stem convolution, three conv/batch-norm blocks and a head: a CNN small enough for the engine."""
 
@@ -594,6 +680,7 @@ def test_prodistill_trains_through_folded_batch_norms_with_the_same_loss():
     folded, plain = runs[True], runs[False]
     assert [stats["folded_batch_norms"] for stats in folded.block_stats] == [2, 2, 2]
     assert [stats["folded_batch_norms"] for stats in plain.block_stats] == [0, 0, 0]
+    assert [stats["folded_paddings"] for stats in folded.block_stats] == [0, 0, 0]      # conv2d pads itself
     assert folded.block_stats[0]["epoch_losses"][0] == pytest.approx(plain.block_stats[0]["epoch_losses"][0],
                                                                      rel=1e-5)
     for key, tensor in plain.state_dict.items():

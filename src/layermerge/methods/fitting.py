@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from layermerge.allocator import keep_freed_memory
 from layermerge.engine.capture import has_convolutions
 from layermerge.methods.depthwise import faster_depthwise
 
@@ -184,36 +185,37 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
     refs = ctx.pairs()
     precision = resolve_precision(precision, ctx.device)
     optimizer = adam(leaves, lr)
-    losses: list[float] = []
     scheduled_lr(lr, schedule, 0.0)                  # an unknown schedule fails before any work
-    for epoch in ctx.progress(range(epochs), desc="epochs"):
-        order = torch.randperm(len(refs), generator=ctx.generator).tolist()
-        epoch_loss, group, group_size = 0.0, [], 0
-        for position, ref_index in enumerate(order):
-            group.append(refs[ref_index])
-            group_size += refs[ref_index].size
-            if group_size < batch_size and position < len(order) - 1:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            local = [ref for ref in group if ctx.is_local(ref)]
-            value = 0.0
-            if local:
-                with training_precision(precision, ctx.device), faster_depthwise(ctx.device):
-                    loss = group_loss(local)
-                loss.backward()
-                value = float(loss.detach())
-            for leaf in leaves:                       # a rank with no pair in this group adds zeros
-                if leaf.grad is None:
-                    leaf.grad = torch.zeros_like(leaf)
-            ctx.all_reduce_([leaf.grad for leaf in leaves])
-            if schedule != "constant":                # the pairs seen before this step, of all epochs'
-                progress = (epoch * len(order) + position + 1 - len(group)) / (epochs * len(order))
-                for settings in optimizer.param_groups:
-                    settings["lr"] = scheduled_lr(lr, schedule, progress)
-            optimizer.step()
-            epoch_loss += ctx.sum(value)
-            group, group_size = [], 0
-        losses.append(epoch_loss)
-        if stop.stopped_at(losses) is not None:
-            break
+    losses: list[float] = []
+    with keep_freed_memory():                        # each step reuses the memory the last one freed
+        for epoch in ctx.progress(range(epochs), desc="epochs"):
+            order = torch.randperm(len(refs), generator=ctx.generator).tolist()
+            epoch_loss, group, group_size = 0.0, [], 0
+            for position, ref_index in enumerate(order):
+                group.append(refs[ref_index])
+                group_size += refs[ref_index].size
+                if group_size < batch_size and position < len(order) - 1:
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                local = [ref for ref in group if ctx.is_local(ref)]
+                value = 0.0
+                if local:
+                    with training_precision(precision, ctx.device), faster_depthwise(ctx.device):
+                        loss = group_loss(local)
+                    loss.backward()
+                    value = float(loss.detach())
+                for leaf in leaves:                       # a rank with no pair in this group adds zeros
+                    if leaf.grad is None:
+                        leaf.grad = torch.zeros_like(leaf)
+                ctx.all_reduce_([leaf.grad for leaf in leaves])
+                if schedule != "constant":                # the pairs seen before this step, of all epochs'
+                    progress = (epoch * len(order) + position + 1 - len(group)) / (epochs * len(order))
+                    for settings in optimizer.param_groups:
+                        settings["lr"] = scheduled_lr(lr, schedule, progress)
+                optimizer.step()
+                epoch_loss += ctx.sum(value)
+                group, group_size = [], 0
+            losses.append(epoch_loss)
+            if stop.stopped_at(losses) is not None:
+                break
     return losses

@@ -1,4 +1,5 @@
-"""Batch norms folded into the convolutions before them, for training a CNN block's coefficients.
+"""Batch norms folded into the convolutions before them (and zero paddings into the convolutions
+after them), for training a CNN block's coefficients.
 
 In eval mode a batch norm after a convolution is a per-channel affine map, so the pair is one
 convolution with weight W·s and bias β − μ·s (+ b·s), s = γ / √(var + ε). Training λ through the
@@ -11,7 +12,11 @@ them took a forward + backward of its sixteen blocks from 551 to 432 ms (64 exam
 The block is traced with ``torch.fx`` for the extra arguments it is called with (non-tensor ones
 only), and each batch norm (``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics) whose
 input is a convolution used by nothing else is folded into it; the folded weights enter the traced
-graph under new names, so ``functional_call`` supplies them like any weight. ``fold_block`` returns
+graph under new names, so ``functional_call`` supplies them like any weight. A zero padding that
+pads both sides of each spatial dimension equally (``nn.ZeroPad2d``, ``F.pad``) and feeds only a
+convolution becomes that convolution's own padding: the same sums, without the padded copy of the
+activations forward and its slice backward (EfficientNet-Lite0 pads explicitly before each depthwise
+convolution; its stride-2 pads are one-sided and stay). ``fold_block`` returns
 None when the block cannot be traced or has nothing to fold; the caller then checks the folded
 block once against the block itself (``FoldedBlock.matches``) before training with it. The merged
 weights themselves are never folded: only the training passes use this form.
@@ -30,6 +35,7 @@ from layermerge.engine import call_block
 from layermerge.engine.tree import leaves
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+PADDINGS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)      # nn.ZeroPadNd are subclasses
 CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 CONVOLUTION_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)      # the same objects as torch.conv1d/2d/3d
 MATCH_TOLERANCE = 1e-4          # largest |folded - block| relative to the largest |output| (float32)
@@ -50,10 +56,11 @@ class Fold:
 class FoldedBlock:
     """A traced copy of a block with its conv → batch-norm pairs folded (see the module)."""
 
-    def __init__(self, block: nn.Module, module: fx.GraphModule, folds: list[Fold]):
+    def __init__(self, block: nn.Module, module: fx.GraphModule, folds: list[Fold], paddings: int = 0):
         self.block = block
         self.module = module
         self.folds = folds
+        self.paddings = paddings          # zero paddings moved into the convolution after them
         self.own = {**dict(block.named_parameters()), **dict(block.named_buffers())}
 
     def weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,7 +100,7 @@ def fold_block(block: nn.Module, extra: tuple[tuple, dict]) -> FoldedBlock | Non
     """The block with its conv → batch-norm pairs folded, traced for the extra arguments ``extra``
     (positional, keyword) it is called with; None when there is nothing to fold, an extra argument
     is a tensor, or the block cannot be traced."""
-    if not any(isinstance(module, BATCH_NORMS) for module in block.modules()):
+    if not any(isinstance(module, BATCH_NORMS + PADDINGS) for module in block.modules()):
         return None
     if any(isinstance(leaf, torch.Tensor) for leaf in leaves(extra)):
         return None
@@ -113,11 +120,12 @@ def fold_block(block: nn.Module, extra: tuple[tuple, dict]) -> FoldedBlock | Non
         fold = _fold_node(graph, node, modules, traced, len(folds))
         if fold is not None:
             folds.append(fold)
-    if not folds:
+    paddings = sum(_fold_padding(graph, node, modules) for node in list(graph.nodes))
+    if not folds and not paddings:
         return None
     _drop_traced_arguments(graph)
     traced.recompile()
-    return FoldedBlock(block, traced, folds)
+    return FoldedBlock(block, traced, folds, paddings)
 
 
 def _drop_traced_arguments(graph: fx.Graph) -> None:
@@ -161,6 +169,54 @@ def _fold_node(graph: fx.Graph, node: fx.Node, modules: dict, traced: fx.GraphMo
     graph.erase_node(node)
     graph.erase_node(conv)
     return Fold(weight, bias, node.target, norm.eps, folded_weight, folded_bias)
+
+
+def _fold_padding(graph: fx.Graph, conv: fx.Node, modules: dict) -> bool:
+    """Move a symmetric zero padding whose only user is the convolution at ``conv`` into the
+    convolution's own padding (one pass over the input saved each way); whether it did."""
+    call = _convolution_call(conv, modules)
+    if call is None or not isinstance(call[1], fx.Node) or len(call[1].users) != 1:
+        return False
+    function, pad, weight, bias, (stride, padding, dilation, groups) = call
+    spatial = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}[function]
+    found = _symmetric_zero_padding(pad, modules, spatial)
+    if found is None or isinstance(padding, str):
+        return False
+    source, widths = found
+    own = [padding] * spatial if isinstance(padding, int) else list(padding)
+    if len(own) != spatial:
+        return False
+    with graph.inserting_before(conv):
+        new = graph.call_function(function, (source, graph.get_attr(weight),
+                                             None if bias is None else graph.get_attr(bias), stride,
+                                             tuple(o + w for o, w in zip(own, widths)), dilation, groups))
+    conv.replace_all_uses_with(new)
+    graph.erase_node(conv)
+    graph.erase_node(pad)
+    return True
+
+
+def _symmetric_zero_padding(pad: fx.Node, modules: dict, spatial: int) -> tuple[fx.Node, list[int]] | None:
+    """(the padded node, the widths per dimension, first spatial dimension first) of a zero padding
+    node that pads both sides of each of the last ``spatial`` dimensions equally, else None."""
+    if pad.op == "call_module" and isinstance(modules.get(pad.target), PADDINGS):
+        module = modules[pad.target]
+        widths, value, source = list(module.padding), module.value, pad.args
+    elif pad.op == "call_function" and pad.target is F.pad:
+        call = {"mode": "constant", "value": None, **dict(zip(("input", "pad", "mode", "value"), pad.args)),
+                **pad.kwargs}
+        if call["mode"] != "constant":
+            return None
+        widths, value, source = call["pad"], call["value"] or 0, (call["input"],)
+    else:
+        return None
+    if (value != 0 or len(source) != 1 or not isinstance(source[0], fx.Node) or not isinstance(widths, (list, tuple))
+            or len(widths) > 2 * spatial or len(widths) % 2):
+        return None
+    pairs = [tuple(widths[i:i + 2]) for i in range(0, len(widths), 2)]       # last dimension first
+    if any(not isinstance(a, int) or a != b or a < 0 for a, b in pairs):
+        return None
+    return source[0], [0] * (spatial - len(pairs)) + [a for a, _ in reversed(pairs)]
 
 
 def _convolution_call(conv: fx.Node, modules: dict):

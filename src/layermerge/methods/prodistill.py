@@ -19,8 +19,8 @@ tolerance=0.01``), and the block's matmuls run in bfloat16 where the hardware do
 train_precision=float32`` (with its ``epochs``); ``schedule`` can decay the lr (measured: it cost
 quality at equal epochs). Two switches change only the rounding: a step's cached batches share one
 block call where nothing ties them to their own shape (``stack_batches``, ``methods.stacking``), and
-CNN blocks train through their batch norms folded into the convolutions (``fold_batch_norms``,
-``methods.folding``).
+CNN blocks train through their batch norms folded into the convolutions and their symmetric zero
+paddings moved into them (``fold_batch_norms``, ``methods.folding``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class ProDistill(DataDrivenMethod):
         fold_batch_norms: bool = Field(
             True, description="train through each convolution with the eval-mode batch norm after it folded "
                               "in (one weight-sized product per step instead of a pass over every "
-                              "activation); checked once per block to give the block's outputs")
+                              "activation), and a symmetric zero padding before it moved into its own "
+                              "padding (no padded copy); checked once per block to give the block's outputs")
         recompute_expert_outputs: bool = Field(
             False, description="recompute the expert outputs at every step instead of once per block "
                                "(same result, slower; for timing comparisons)")
@@ -137,7 +138,8 @@ class ProDistill(DataDrivenMethod):
                  "loss_last_epoch": losses[-1] if losses else None,
                  "epochs_run": len(losses), "epoch_losses": losses,
                  "train_precision": precision, **({"precision_fallback": fallback} if fallback else {}),
-                 "folded_batch_norms": len(folded.folds) if folded is not None else 0}
+                 "folded_batch_norms": len(folded.folds) if folded is not None else 0,
+                 "folded_paddings": folded.paddings if folded is not None else 0}
         if p.input_mode == "dual" and not p.recompute_expert_outputs:
             # the loss of the final weights is the engine's to measure as it pushes z_m through them
             return BlockResult(final, coefficients.artifacts(), stats, loss_weights=scale)
