@@ -1,4 +1,4 @@
-"""Three pieces of a ProDistill step timed in isolation, to decide what to change next (issue 15).
+"""Pieces of a ProDistill step timed in isolation, to decide what to change next (issue 15).
 
     .venv/bin/python benchmarks/prodistill_kernels.py --threads 1 --json benchmarks/results/prodistill_kernels.json
 
@@ -20,6 +20,12 @@
   stacked calls capped at 2, 4 and 8 MiB of input, and uncapped (``methods.stacking``).
 * ``folding``: forward + backward of 64 examples in one call through each Lite0 block as it is and
   with its batch norms folded into the convolutions (``methods.folding``).
+* ``padding``: the sixteen blocks' pass (64 examples, one call, batch norms folded) with the model's
+  symmetric zero paddings as they are and moved into the depthwise convolutions (``fold_block``'s
+  ``paddings``), alternating.
+* ``allocator``: the same pass (everything folded) with glibc's malloc as it is, then inside
+  ``layermerge.allocator.keep_freed_memory``, then after it: milliseconds and minor page faults
+  per pass.
 
 Median of repeated calls, milliseconds; the numbers vary with the machine's load, so compare only
 within one run. ``--json`` keeps the parts of an earlier run that this run does not measure.
@@ -209,6 +215,62 @@ def folding_part(examples: int = 64) -> dict:
             "total_ms": {label: round(value, 1) for label, value in totals.items()}}
 
 
+def lite0_passes(examples: int, paddings: bool = True) -> list:
+    """One training pass per Lite0 block (``lite0_training_pass``) over ``examples`` in one call, batch
+    norms folded; symmetric zero paddings moved into the convolutions when ``paddings``."""
+    from layermerge.methods.folding import fold_block
+
+    model, inputs = lite0_inputs(examples)
+    passes = []
+    for block, hidden in zip(model._blocks, inputs):
+        params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
+        passes.append(lite0_training_pass(block, params, [hidden], fold_block(block, ((), {}), paddings=paddings)))
+    return passes
+
+
+def run_all(passes: list) -> tuple[float, int]:
+    """Milliseconds and minor page faults of running every pass once."""
+    import resource
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    started = time.perf_counter()
+    for one_pass in passes:
+        one_pass()
+    return 1000 * (time.perf_counter() - started), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def padding_part(examples: int = 64, rounds: int = 9) -> dict:
+    variants = {"paddings as they are": lite0_passes(examples, paddings=False),
+                "paddings moved into the convolutions": lite0_passes(examples, paddings=True)}
+    times = {label: [] for label in variants}
+    for round_ in range(rounds + 2):
+        for label, passes in variants.items():
+            elapsed, _ = run_all(passes)
+            if round_ >= 2:
+                times[label].append(elapsed)
+    return {"model": f"EfficientNet-Lite0, 16 blocks, {examples} examples at 64x64 in one call, batch norms folded",
+            "pass_ms_median": {label: round(statistics.median(values), 1) for label, values in times.items()},
+            "rounds": rounds}
+
+
+def allocator_part(examples: int = 64, rounds: int = 9) -> dict:
+    from layermerge.allocator import glibc, keep_freed_memory
+
+    passes = lite0_passes(examples)
+
+    def measure():
+        runs = [run_all(passes) for _ in range(rounds + 2)][2:]
+        return {"pass_ms_median": round(statistics.median(ms for ms, _ in runs), 1),
+                "faults_per_pass_median": statistics.median(faults for _, faults in runs)}
+
+    result = {"model": f"EfficientNet-Lite0, 16 blocks, {examples} examples at 64x64 in one call, all folded",
+              "glibc": glibc() is not None, "glibc as it is": measure()}
+    with keep_freed_memory():
+        result["freed memory kept"] = measure()
+    result["after (glibc's largest adaptive thresholds)"] = measure()
+    return result
+
+
 # Operations whose inclusive times never nest in one another, by kind (forward ATen ops, backward nodes).
 CONVNET_KINDS = {
     "convolution forward": ("aten::convolution",),
@@ -264,12 +326,13 @@ def convnet_part(examples: int = 64, cached: int = 16, steps: int = 3) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="lambda,attention,depthwise,convnet,stacking,folding")
+    parser.add_argument("--parts", default="lambda,attention,depthwise,convnet,stacking,folding,padding,allocator")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = {"lambda": lambda_part, "attention": attention_part, "depthwise": depthwise_part,
-             "convnet": convnet_part, "stacking": stacking_part, "folding": folding_part}
+             "convnet": convnet_part, "stacking": stacking_part, "folding": folding_part, "padding": padding_part,
+             "allocator": allocator_part}
     result = {}
     if args.json is not None and args.json.exists():
         result = json.loads(args.json.read_text())

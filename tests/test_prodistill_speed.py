@@ -317,17 +317,18 @@ def test_a_decaying_schedule_is_deterministic_and_differs_from_constant(family_m
 
 
 # --------------------------------------------------------------------- depthwise weight gradient
-@pytest.mark.parametrize("stride,padding,size", [(1, 0, 6), (2, 0, 7), (1, 2, 4), ((2, 1), (1, 2), 5)])
-def test_offset_sum_depthwise_gradient_matches_onednn(stride, padding, size):
+@pytest.mark.parametrize("stride,padding,size,kernel",
+                         [(1, 0, 6, 5), (2, 0, 7, 5), (1, 2, 4, 5), ((2, 1), (1, 2), 5, 5), (1, 1, 2, 3)])
+def test_offset_sum_depthwise_gradient_matches_onednn(stride, padding, size, kernel):
     """Forward bit for bit, input gradient oneDNN's own, weight and bias gradients as autograd's (float64
-    reference) for the 5 × 5 depthwise convolutions it takes over."""
+    reference) for the depthwise convolutions it takes over."""
     import torch.nn.functional as F
 
     from layermerge.methods.depthwise import faster_depthwise, takes_offset_sum
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(6, 1, 5, 5, generator=generator)
+    weight = torch.randn(6, 1, kernel, kernel, generator=generator)
     bias = torch.randn(6, generator=generator)
     assert takes_offset_sum(x, weight.requires_grad_(), stride, padding, 1, 6)
     results = []
@@ -354,6 +355,8 @@ def test_offset_sum_leaves_other_convolutions_alone():
     depthwise = torch.randn(8, 1, 5, 5, requires_grad=True)
     assert takes_offset_sum(x, depthwise, 1, 0, 1, 8)
     assert not takes_offset_sum(x, torch.randn(8, 1, 3, 3, requires_grad=True), 1, 0, 1, 8)   # small kernel
+    assert takes_offset_sum(torch.randn(2, 8, 2, 2), torch.randn(8, 1, 3, 3, requires_grad=True), 1, 1, 1, 8)  # 2 x 2
+    assert not takes_offset_sum(torch.randn(2, 8, 2, 2), torch.randn(8, 1, 1, 1, requires_grad=True), 1, 0, 1, 8)
     assert not takes_offset_sum(x, torch.randn(8, 8, 5, 5, requires_grad=True), 1, 0, 1, 1)   # dense
     assert not takes_offset_sum(torch.randn(2, 8, 12, 12), depthwise, 1, 0, 1, 8)             # 64 outputs
     assert not takes_offset_sum(x, depthwise, 1, 0, 2, 8)                                      # dilated

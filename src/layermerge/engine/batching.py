@@ -6,9 +6,10 @@ block. ``group_by_length`` splits a task's batches into examples, sorts them by 
 (longest first, ties in their given order), cuts as many batches again where the cuts leave the
 fewest padded positions (``batch_cuts``: a few long examples together, many short ones together)
 and trims each to its own longest example. On glue8-minilm's 64 shots per task that left 7.4 %
-fewer positions than batches of 16 (19,636 real tokens in 22,352 positions instead of 24,144). Everything else about an example is unchanged, so an encoder (or a causal
-model) computes the same outputs on its real tokens and masked losses and statistics are the same
-sums; only which examples share a batch changes.
+fewer positions than sorted batches of 16 (19,636 real tokens in 22,352 positions instead of
+24,144). Everything else about an example is unchanged, so an encoder (or a causal model) computes
+the same outputs on its real tokens and masked losses and statistics are the same sums; only which
+examples share a batch changes.
 
 It applies to right-padded token batches only: each batch's 2-D ``attention_mask`` (batch, tokens)
 must hold every example's real tokens first. Left padding (common for causal LMs) is left alone,

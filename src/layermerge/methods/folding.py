@@ -96,10 +96,11 @@ class FoldedBlock:
         return bool((folded - expected).abs().max() <= MATCH_TOLERANCE * scale)
 
 
-def fold_block(block: nn.Module, extra: tuple[tuple, dict]) -> FoldedBlock | None:
-    """The block with its conv → batch-norm pairs folded, traced for the extra arguments ``extra``
-    (positional, keyword) it is called with; None when there is nothing to fold, an extra argument
-    is a tensor, or the block cannot be traced."""
+def fold_block(block: nn.Module, extra: tuple[tuple, dict], paddings: bool = True) -> FoldedBlock | None:
+    """The block with its conv → batch-norm pairs folded (and, with ``paddings``, its symmetric zero
+    paddings moved into the convolutions), traced for the extra arguments ``extra`` (positional,
+    keyword) it is called with; None when there is nothing to fold, an extra argument is a tensor, or
+    the block cannot be traced."""
     if not any(isinstance(module, BATCH_NORMS + PADDINGS) for module in block.modules()):
         return None
     if any(isinstance(leaf, torch.Tensor) for leaf in leaves(extra)):
@@ -120,12 +121,14 @@ def fold_block(block: nn.Module, extra: tuple[tuple, dict]) -> FoldedBlock | Non
         fold = _fold_node(graph, node, modules, traced, len(folds))
         if fold is not None:
             folds.append(fold)
-    paddings = sum(_fold_padding(graph, node, modules) for node in list(graph.nodes))
-    if not folds and not paddings:
+    moved = sum(_fold_padding(graph, node, modules) for node in list(graph.nodes)) if paddings else 0
+    if not folds and not moved:
         return None
+    for node in list(graph.nodes):
+        _clamp_in_place(graph, node, modules)
     _drop_traced_arguments(graph)
     traced.recompile()
-    return FoldedBlock(block, traced, folds, paddings)
+    return FoldedBlock(block, traced, folds, moved)
 
 
 def _drop_traced_arguments(graph: fx.Graph) -> None:
@@ -194,6 +197,42 @@ def _fold_padding(graph: fx.Graph, conv: fx.Node, modules: dict) -> bool:
     graph.erase_node(conv)
     graph.erase_node(pad)
     return True
+
+
+def _clamp_in_place(graph: fx.Graph, node: fx.Node, modules: dict) -> bool:
+    """Make a ReLU or ReLU6 whose input is a convolution used by nothing else work in place: the
+    convolution's backward does not read its output, the clamp's backward reads only its own output,
+    so autograd gets the same gradients without a second activation-sized tensor; whether it did."""
+    bounds = _clamp_bounds(node, modules)
+    if bounds is None or not isinstance(node.args[0], fx.Node) or len(node.args[0].users) != 1:
+        return False
+    if _convolution_call(node.args[0], modules) is None:
+        return False
+    with graph.inserting_before(node):
+        new = graph.call_function(F.hardtanh_, (node.args[0], *bounds))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return True
+
+
+def _clamp_bounds(node: fx.Node, modules: dict) -> tuple[float, float] | None:
+    """(low, high) of a ReLU / ReLU6 / Hardtanh node applied out of place to one input, else None."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if type(module) is nn.ReLU6 and not module.inplace:
+            bounds = (0.0, 6.0)
+        elif type(module) is nn.Hardtanh and not module.inplace:
+            bounds = (module.min_val, module.max_val)
+        elif type(module) is nn.ReLU and not module.inplace:
+            bounds = (0.0, float("inf"))
+        else:
+            return None
+        return bounds if len(node.args) == 1 and not node.kwargs else None
+    if node.op == "call_function" and node.target in (F.relu6, F.relu, torch.relu) and len(node.args) == 1:
+        if node.kwargs.get("inplace", False):
+            return None
+        return (0.0, 6.0) if node.target is F.relu6 else (0.0, float("inf"))
+    return None
 
 
 def _symmetric_zero_padding(pad: fx.Node, modules: dict, spatial: int) -> tuple[fx.Node, list[int]] | None:
