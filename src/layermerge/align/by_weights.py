@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from layermerge.align.apply import Perms, check_perms, identity_perms, permute_tensor
 from layermerge.align.spec import PermutationSpec, units_view
@@ -20,6 +19,8 @@ from layermerge.align.spec import PermutationSpec, units_view
 
 def assign(cost: torch.Tensor) -> torch.Tensor:
     """The permutation ``perm`` maximising Σ_i cost[i, perm[i]] (Hungarian algorithm, scipy)."""
+    from scipy.optimize import linear_sum_assignment  # on first use: importing scipy cost every merge 0.1 s
+
     rows, cols = linear_sum_assignment(cost.detach().double().cpu().numpy(), maximize=True)
     perm = torch.empty(cost.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols)

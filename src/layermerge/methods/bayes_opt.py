@@ -27,8 +27,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import solve_triangular
-from scipy.special import ndtr
 
 # Length scales in units of the box side (inputs are mapped onto [0, 1]^d) and noise variances
 # relative to the standardised scores' unit variance.
@@ -62,7 +60,7 @@ class GaussianProcess:
                     chol = np.linalg.cholesky(gram + noise * np.eye(len(z)))
                 except np.linalg.LinAlgError:
                     continue
-                alpha = solve_triangular(chol.T, solve_triangular(chol, z, lower=True), lower=False)
+                alpha = _solve_triangular(chol.T, _solve_triangular(chol, z, lower=True), lower=False)
                 evidence = -0.5 * float(z @ alpha) - float(np.log(np.diag(chol)).sum())
                 if best is None or evidence > best[0]:
                     best = (evidence, length, noise, chol, alpha)
@@ -74,13 +72,21 @@ class GaussianProcess:
         """Posterior mean and standard deviation of the score (its own units) at ``points``."""
         cross = matern52(np.asarray(points, dtype=np.float64), self.x, self.length)
         mean = cross @ self._alpha
-        v = solve_triangular(self._chol, cross.T, lower=True)
+        v = _solve_triangular(self._chol, cross.T, lower=True)
         variance = np.maximum(1.0 - (v * v).sum(0), 1e-12)
         return self.mean + self.scale * mean, self.scale * np.sqrt(variance)
 
 
+def _solve_triangular(matrix: np.ndarray, right: np.ndarray, lower: bool) -> np.ndarray:
+    from scipy.linalg import solve_triangular  # on first use (see expected_improvement)
+
+    return solve_triangular(matrix, right, lower=lower)
+
+
 def expected_improvement(mean: np.ndarray, std: np.ndarray, best: float, xi: float = 0.0) -> np.ndarray:
     """E[max(f − best − ξ, 0)] for f ~ N(mean, std²): (mean − best − ξ) Φ(z) + std φ(z), z = (mean − best − ξ)/std."""
+    from scipy.special import ndtr  # scipy on first use: importing it cost every merge process 0.3 s
+
     gain = mean - best - xi
     z = gain / std
     return gain * ndtr(z) + std * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
