@@ -247,7 +247,10 @@ def test_builtin_glue_tasks_score_as_before_the_change(tmp_path):
         for file in base.iterdir():
             if "token" in file.name or "vocab" in file.name or "special" in file.name:
                 shutil.copy(file, tmp_path / task / file.name)
-        assert evaluate_task(tmp_path / task, task, "test", 64).score == pytest.approx(recorded[task], abs=1e-9)
+        # STS-B's correlation of a random model's near-equal outputs moves with the CPU's float32 rounding
+        # (recorded on an Intel host; an AMD EPYC gives -0.18725): the other metrics count labels
+        tolerance = 5e-3 if task == "stsb" else 1e-9
+        assert evaluate_task(tmp_path / task, task, "test", 64).score == pytest.approx(recorded[task], abs=tolerance)
 
 
 def test_bench_track_with_a_spec_file_and_an_inline_spec(text_setup, capsys):

@@ -25,10 +25,16 @@ from tinytext import build_text_setup
 
 import layermerge
 
+# One hash per CPU family the suite runs on where the method multiplies matrices: oneDNN and MKL pick
+# other float32 kernels (another order of sums) on an Intel host with AMX (the first, recorded with the
+# old drivers) than on an AMD EPYC with AVX512 and no AMX (the second, recorded with commit 596fb61,
+# whose output the Intel hash was checked against). TIES only adds and compares: the same everywhere.
 RECORDED = {
-    "ties": "e0bfa7795d278d56f21d29ea9bbef012a64813d5472cf0907853e3935fb61904",
-    "prodistill": "e273cac27a4b6b3e6bc030752ca953efe63ce0be3a03f379e47cdf2c20672d9c",
-    "np_merge": "c0257f868f4773f90411a19063d95ab3a20b2d5fb5b5d3ae778b1a7bf70b4e3e",
+    "ties": {"e0bfa7795d278d56f21d29ea9bbef012a64813d5472cf0907853e3935fb61904"},
+    "prodistill": {"e273cac27a4b6b3e6bc030752ca953efe63ce0be3a03f379e47cdf2c20672d9c",
+                   "d63b40b7ea7dfb94f42208e6cb4bb8359eac5b4c6ac4c2361eca2cae49d8777d"},
+    "np_merge": {"c0257f868f4773f90411a19063d95ab3a20b2d5fb5b5d3ae778b1a7bf70b4e3e",
+                 "8c0d4859742e61942f04de4f9d93040c2e838fa22e402fcb1728e8d24b6970e6"},
 }
 RUNS = {
     "ties": {"density": 0.5},
@@ -72,4 +78,4 @@ def merge_to_folder(setup, method: str, output: Path) -> Path:
 
 @pytest.mark.parametrize("method", sorted(RUNS))
 def test_output_tensors_are_bit_identical_to_before_the_pipeline(setup, tmp_path, method):
-    assert tensors_hash(merge_to_folder(setup, method, tmp_path / "out")) == RECORDED[method]
+    assert tensors_hash(merge_to_folder(setup, method, tmp_path / "out")) in RECORDED[method]
