@@ -522,6 +522,16 @@ def conv_norm_block(seed, channels=4, bias=False):
     return block.eval()
 
 
+def outputs_and_gradients(leaves: dict, run):
+    """``run(weights)``'s output and the gradient of its squared sum with respect to each leaf, the weights
+    built from the leaves as W(λ) is (a product, so the leaves stay leaves)."""
+    for leaf in leaves.values():
+        leaf.grad = None
+    output = run({name: leaf * 1.0 for name, leaf in leaves.items()})
+    output.pow(2).sum().backward()
+    return output.detach(), {name: leaf.grad.clone() for name, leaf in leaves.items()}
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_folded_block_gives_the_blocks_outputs_and_gradients(bias):
     from layermerge.engine import call_block
@@ -535,15 +545,9 @@ def test_folded_block_gives_the_blocks_outputs_and_gradients(bias):
     leaves = {name: tensor.detach().clone().requires_grad_() for name, tensor in block.named_parameters()}
     buffers = dict(block.named_buffers())
 
-    def gradients(run):
-        for leaf in leaves.values():
-            leaf.grad = None
-        output = run({name: leaf * 1.0 for name, leaf in leaves.items()})
-        output.pow(2).sum().backward()
-        return output.detach(), {name: leaf.grad.clone() for name, leaf in leaves.items()}
-
-    expected, expected_grads = gradients(lambda w: call_block(block, {**w, **buffers}, x, ((), {"scale": 0.5})))
-    output, grads = gradients(lambda w: folded.run(folded.weights(w), x))
+    expected, expected_grads = outputs_and_gradients(
+        leaves, lambda w: call_block(block, {**w, **buffers}, x, ((), {"scale": 0.5})))
+    output, grads = outputs_and_gradients(leaves, lambda w: folded.run(folded.weights(w), x))
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
@@ -627,15 +631,9 @@ def test_symmetric_zero_paddings_move_into_the_convolution():
     leaves = {name: tensor.detach().clone().requires_grad_() for name, tensor in block.named_parameters()}
     buffers = dict(block.named_buffers())
 
-    def gradients(run):
-        for leaf in leaves.values():
-            leaf.grad = None
-        output = run({name: leaf * 1.0 for name, leaf in leaves.items()})
-        output.pow(2).sum().backward()
-        return output.detach(), {name: leaf.grad.clone() for name, leaf in leaves.items()}
-
-    expected, expected_grads = gradients(lambda w: torch.func.functional_call(block, {**w, **buffers}, (x,)))
-    output, grads = gradients(lambda w: folded.run(folded.weights(w), x))
+    expected, expected_grads = outputs_and_gradients(
+        leaves, lambda w: torch.func.functional_call(block, {**w, **buffers}, (x,)))
+    output, grads = outputs_and_gradients(leaves, lambda w: folded.run(folded.weights(w), x))
     assert output.shape == expected.shape
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():
