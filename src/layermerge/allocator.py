@@ -5,9 +5,9 @@ W(λ), λ's gradient). glibc's malloc gives freed memory back to the kernel once
 threshold lies free at the top of its heap (it adapts the threshold to the blocks a process frees, to
 at most 64 MiB), and serves blocks above its mmap threshold (adapted likewise, to at most 32 MiB) from
 fresh mappings; either way the next step's allocation faults every page in again, zero-filled by the
-kernel, at about 2 µs a page on this project's VM. That was 31,000 faults per forward + backward of
-EfficientNet-Lite0's blocks on 64 images (docs/BENCHMARKS.md, "Zero paddings folded, freed memory
-kept").
+kernel, at about 2 µs a page on this project's VM. That was 17,439 faults per forward + backward of
+EfficientNet-Lite0's blocks on 64 images, 1 with the memory kept (docs/BENCHMARKS.md, "ProDistill,
+faster", item 15).
 
 ``keep_freed_memory()`` fixes, while the context is open, the mmap threshold at glibc's largest
 adaptive value (32 MiB) and the trim threshold at ``KEPT_BYTES`` (256 MiB): a step's freed blocks stay

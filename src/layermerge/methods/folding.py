@@ -199,20 +199,19 @@ def _fold_padding(graph: fx.Graph, conv: fx.Node, modules: dict) -> bool:
     return True
 
 
-def _clamp_in_place(graph: fx.Graph, node: fx.Node, modules: dict) -> bool:
+def _clamp_in_place(graph: fx.Graph, node: fx.Node, modules: dict) -> None:
     """Make a ReLU or ReLU6 whose input is a convolution used by nothing else work in place: the
     convolution's backward does not read its output, the clamp's backward reads only its own output,
-    so autograd gets the same gradients without a second activation-sized tensor; whether it did."""
+    so autograd gets the same gradients without a second activation-sized tensor."""
     bounds = _clamp_bounds(node, modules)
     if bounds is None or not isinstance(node.args[0], fx.Node) or len(node.args[0].users) != 1:
-        return False
+        return
     if _convolution_call(node.args[0], modules) is None:
-        return False
+        return
     with graph.inserting_before(node):
         new = graph.call_function(F.hardtanh_, (node.args[0], *bounds))
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    return True
 
 
 def _clamp_bounds(node: fx.Node, modules: dict) -> tuple[float, float] | None:
