@@ -26,6 +26,11 @@
 * ``allocator``: the same pass (everything folded) with glibc's malloc as it is, then inside
   ``layermerge.allocator.keep_freed_memory``, then after it: milliseconds and minor page faults
   per pass.
+* ``calls``: what one more block call costs against one more token position, for a MiniLM-shaped BERT
+  layer (random weights, W = θ + δ ⊙ τ built from leaves as W(λ) is) trained in bfloat16: a step of
+  one call against eight calls of one 8-token example (ms per extra call), and 16 examples of 64
+  against 16 of 32 tokens in one call (ms per extra position). The ratio is ``batching.CALL_COST``'s
+  measure.
 
 Median of repeated calls, milliseconds; the numbers vary with the machine's load, so compare only
 within one run. ``--json`` keeps the parts of an earlier run that this run does not measure.
@@ -323,16 +328,55 @@ def convnet_part(examples: int = 64, cached: int = 16, steps: int = 3) -> dict:
     return result
 
 
+def calls_part(repeats: int = 15) -> dict:
+    from torch.func import functional_call
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from layermerge.methods.fitting import training_precision
+
+    torch.manual_seed(0)
+    layer = BertLayer(BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12,
+                                 attn_implementation="sdpa")).eval()
+    start = {name: tensor.detach() for name, tensor in layer.named_parameters()}
+    vectors = {name: 0.01 * torch.randn_like(tensor) for name, tensor in start.items()}
+    deltas = {name: torch.zeros_like(tensor, requires_grad=True) for name, tensor in start.items()}
+    cpu = torch.device("cpu")
+    generator = torch.Generator().manual_seed(1)
+
+    def step(shapes):
+        with training_precision("bfloat16", cpu):
+            weights = {name: start[name] + deltas[name] * vectors[name] for name in start}
+            loss = 0.0
+            for examples, tokens in shapes:
+                hidden = torch.randn(examples, tokens, 384, generator=generator)
+                mask = torch.zeros(examples, 1, 1, tokens)
+                output = functional_call(layer, weights, (hidden,), {"attention_mask": mask})
+                output = output[0] if isinstance(output, tuple) else output
+                loss = loss + output.float().pow(2).mean()
+        loss.backward()
+
+    one = median_ms(lambda: step([(1, 8)]), repeats)
+    eight = median_ms(lambda: step([(1, 8)] * 8), repeats)
+    short = median_ms(lambda: step([(16, 32)]), repeats)
+    long = median_ms(lambda: step([(16, 64)]), repeats)
+    out = {"ms per extra call": round((eight - one) / 7, 2),
+           "ms per extra position": round((long - short) / (16 * 32), 4)}
+    out["positions per call"] = round(out["ms per extra call"] / out["ms per extra position"], 1)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="lambda,attention,depthwise,convnet,stacking,folding,padding,allocator")
+    parser.add_argument("--parts",
+                        default="lambda,attention,depthwise,convnet,stacking,folding,padding,allocator,calls")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = {"lambda": lambda_part, "attention": attention_part, "depthwise": depthwise_part,
              "convnet": convnet_part, "stacking": stacking_part, "folding": folding_part, "padding": padding_part,
-             "allocator": allocator_part}
+             "allocator": allocator_part, "calls": calls_part}
     result = {}
     if args.json is not None and args.json.exists():
         result = json.loads(args.json.read_text())

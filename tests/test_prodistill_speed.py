@@ -11,6 +11,7 @@ from conftest import randomise_batch_norms_
 
 from layermerge.engine import StateDictSource
 from layermerge.engine.batching import group_by_length, padding_share
+from layermerge.engine.context import PairRef
 from layermerge.methods.coefficients import combine
 from layermerge.methods.fitting import StoppingRule, training_precision
 from layermerge.methods.prodistill import prodistill_merge
@@ -108,7 +109,8 @@ def examples_of(batches) -> list[tuple]:
 
 def test_group_by_length_keeps_every_example_and_trims_the_padding():
     batches = [right_padded([[1, 2, 3, 4, 5, 6], [1], [2, 2]]), right_padded([[3, 3, 3, 3, 3], [4], [5, 5, 5]])]
-    grouped = group_by_length(batches)
+    grouped, units = group_by_length(batches)
+    assert units == [0, 1]
     assert examples_of(grouped) == examples_of(batches)
     assert [batch["input_ids"].shape for batch in grouped] == [(3, 6), (3, 2)]
     for batch in grouped:
@@ -145,13 +147,54 @@ def test_batch_cuts_leave_the_fewest_padded_positions():
     assert batch_cuts([3, 3, 3, 3, 3, 3], 2) == [0, 2, 4, 6]                # no saving: cut every ``size``
 
 
+def test_call_cuts_cost_the_fewest_positions_and_calls():
+    """Against every way of cutting small sorted length lists into pieces: padded positions plus
+    ``call_cost`` per piece are fewest, and one piece when nothing pays."""
+    import itertools
+    import random
+
+    from layermerge.engine.batching import CALL_COST, call_cuts
+
+    def cost(lengths, cuts, call_cost):
+        return sum(lengths[a] * (b - a) + call_cost for a, b in zip(cuts, cuts[1:]))
+
+    generator = random.Random(1)
+    for _ in range(300):
+        call_cost = generator.choice([0, 2, 5, CALL_COST])
+        lengths = sorted((generator.randint(1, 40) for _ in range(generator.randint(1, 11))), reverse=True)
+        cuts = call_cuts(lengths, call_cost)
+        assert cuts[0] == 0 and cuts[-1] == len(lengths) and all(a < b for a, b in zip(cuts, cuts[1:]))
+        fewest = min(cost(lengths, [0, *inner, len(lengths)], call_cost)
+                     for pieces in range(1, len(lengths) + 1)
+                     for inner in itertools.combinations(range(1, len(lengths)), pieces - 1))
+        assert cost(lengths, cuts, call_cost) == fewest
+    assert call_cuts([64, 64] + [10] * 14, CALL_COST) == [0, 2, 16]
+    assert call_cuts([40, 8, 8, 8], 200) == [0, 4]                          # a call dearer than its padding
+    assert call_cuts([40, 8, 8, 8], 0) == [0, 1, 4]
+    assert call_cuts([5, 5, 5], 0) == [0, 3]                                 # a tie keeps one piece
+
+
+def test_group_by_length_cuts_pieces_that_keep_their_unit():
+    rows = [list(range(5, 29)), [5, 6, 7], list(range(5, 29))] + [[5, 6, 7]] * 5
+    batches = [right_padded(rows)]                                          # one batch: one unit
+    shapes = {}
+    for call_cost in (None, 4, 10_000):
+        grouped, units = group_by_length(batches, call_cost)
+        assert examples_of(grouped) == examples_of(batches)
+        shapes[call_cost] = ([tuple(batch["input_ids"].shape) for batch in grouped], units)
+    assert shapes[None] == ([(8, 24)], [0])
+    assert shapes[4] == ([(2, 24), (6, 3)], [0, 0])                           # two pieces of the one unit
+    assert shapes[10_000] == shapes[None]                                    # no piece pays for its call
+
+
 def test_group_by_length_leaves_other_batches_alone():
     left = {"input_ids": torch.tensor([[0, 5, 6], [4, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
     images = {"pixel_values": torch.randn(2, 3, 4, 4)}
     with_list = {**right_padded([[1, 2], [3]]), "note": ["a", "b"]}
     for batches in ([left, left], [images], [with_list]):
-        grouped = group_by_length(batches)
+        grouped, units = group_by_length(batches, call_cost=1)
         assert all(a is b for a, b in zip(grouped, batches)) and len(grouped) == len(batches)
+        assert units == list(range(len(batches)))
 
 
 def bert_setup(family_models, rows_per_task=6):
@@ -262,6 +305,55 @@ def test_scheduled_lr_by_hand():
         scheduled_lr(0.1, "step", 0.5)
 
 
+class ListContext:
+    """The part of an engine context that ``fit`` uses, over a fixed list of refs, in one process."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, refs):
+        self.refs = refs
+        self.generator = torch.Generator().manual_seed(0)
+
+    def pairs(self):
+        return self.refs
+
+    def is_local(self, ref):
+        return True
+
+    def progress(self, iterable, desc):
+        return iterable
+
+    def all_reduce_(self, tensors):
+        return None
+
+    def sum(self, value):
+        return value
+
+
+def test_a_steps_units_stay_whole():
+    """``fit`` shuffles step units, not pieces: with one unit per step, every step holds exactly one
+    unit's pieces, each unit once per epoch, in the order a shuffle of the units gives."""
+    from layermerge.methods import fitting
+
+    refs = [PairRef("a", 0, 3, 0), PairRef("a", 1, 1, 0), PairRef("a", 2, 2, 1), PairRef("b", 0, 4, 0),
+            PairRef("b", 1, 4, 1)]
+    units = fitting.step_units(refs)
+    assert units == [refs[:2], [refs[2]], [refs[3]], [refs[4]]]
+    alone = [PairRef("a", 0, 2), PairRef("a", 1, 2)]                        # no unit: each ref its own
+    assert fitting.step_units(alone) == [alone[:1], alone[1:]]
+    steps = []
+    leaf = torch.zeros(2, requires_grad=True)
+
+    def group_loss(group):
+        steps.append(list(group))
+        return (leaf - 1).pow(2).sum()
+
+    fitting.fit(ListContext(refs), [leaf], group_loss, lr=0.1, epochs=2, batch_size=1)
+    generator = torch.Generator().manual_seed(0)
+    expected = [units[index] for _ in range(2) for index in torch.randperm(4, generator=generator).tolist()]
+    assert steps == expected
+
+
 def test_schedule_sets_every_steps_learning_rate(monkeypatch):
     """``fit`` hands Adam lr × the schedule at the share of pairs seen before each step."""
     from layermerge.methods import fitting
@@ -275,32 +367,9 @@ def test_schedule_sets_every_steps_learning_rate(monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
 
-    class Ref:
-        def __init__(self, size):
-            self.size = size
-
-    class Context:
-        device = torch.device("cpu")
-        generator = torch.Generator().manual_seed(0)
-        refs = [Ref(2) for _ in range(4)]
-
-        def pairs(self):
-            return self.refs
-
-        def is_local(self, ref):
-            return True
-
-        def progress(self, iterable, desc):
-            return iterable
-
-        def all_reduce_(self, tensors):
-            return None
-
-        def sum(self, value):
-            return value
-
     leaf = torch.zeros(3, requires_grad=True)
-    losses = fitting.fit(Context(), [leaf], lambda refs: (leaf - 1).pow(2).sum() * len(refs), lr=0.2, epochs=3,
+    context = ListContext([PairRef("a", batch, 2) for batch in range(4)])
+    losses = fitting.fit(context, [leaf], lambda refs: (leaf - 1).pow(2).sum() * len(refs), lr=0.2, epochs=3,
                          batch_size=4, schedule="linear")
     assert len(losses) == 3
     # 4 pairs of 2 examples, 2 pairs per step: steps start after 0, 2, 4, ... of 12 pairs
@@ -402,6 +471,47 @@ def test_bfloat16_training_runs_the_attention_in_float32():
 
 
 # --------------------------------------------------------------------- one block call per stack of batches
+def test_the_pieces_follow_the_call_cost_and_a_checkpoint_does_not(family_models):
+    """On a CPU a call costs ``CALL_COST`` positions by default; a batch with two long examples among
+    short ones is cut in two pieces of one step unit where a call is cheap, kept whole where it is
+    dear; a checkpoint's fingerprint hashes the batches as given, so a run resumed with another call
+    cost (other pieces) is recognised."""
+    from layermerge.engine import batching
+    from layermerge.engine.driver import BlockEngine
+    from layermerge.methods.prodistill import ProDistill
+
+    assert batching.block_call_cost(torch.device("cpu")) == batching.CALL_COST
+    assert batching.block_call_cost(torch.device("cuda")) is None
+    model, expert_set, _ = bert_setup(family_models)
+    rows = [list(range(5, 29)), list(range(5, 29))] + [[5, 6, 7]] * 6
+    data = {task: [right_padded(rows, pad=0)] for task in expert_set.names}
+    for batch in (batch for batches in data.values() for batch in batches):
+        del batch["label_like"]
+    method = ProDistill(ProDistill.Params(), expert_set.names)
+    cheap, dear = (BlockEngine(model(), expert_set, data, method, call_cost=cost) for cost in (1, 10_000))
+    assert [len(cheap.data[task]) for task in expert_set.names] == [2] * len(expert_set.names)
+    assert [len(dear.data[task]) for task in expert_set.names] == [1] * len(expert_set.names)
+    assert cheap.units == {task: [0, 0] for task in expert_set.names}      # one step unit, two calls
+    assert cheap.padding < dear.padding
+    assert cheap.fingerprint() == dear.fingerprint()
+
+
+def test_pieces_change_the_calls_not_the_steps(family_models):
+    """Cut into pieces, the batches make the same optimiser steps: the same epoch losses and merged
+    weights as whole batches, to float tolerance (float32)."""
+    model, expert_set, data = bert_setup(family_models)
+    runs = {cost: prodistill_merge(model(), expert_set, data, lr=0.01, epochs=3, batch_size=3,
+                                   train_precision="float32", engine_options={"call_cost": cost})
+            for cost in (0, 10_000)}
+    pieces, whole = runs[0], runs[10_000]
+    assert pieces.summary["padding_share"] == 0.0 < whole.summary["padding_share"]
+    for cut, kept in zip(pieces.block_stats, whole.block_stats):
+        torch.testing.assert_close(torch.tensor(cut["epoch_losses"]), torch.tensor(kept["epoch_losses"]),
+                                   rtol=1e-5, atol=0)
+    for key, tensor in whole.state_dict.items():
+        torch.testing.assert_close(pieces.state_dict[key], tensor, rtol=1e-4, atol=1e-6)
+
+
 def test_stacked_batches_give_the_loss_and_merge_of_separate_calls(monkeypatch):
     """The toy's blocks take no tensor argument but their input and its batches have no mask, so a
     step's batches run as one call: the same loss as one call per batch (the first block's single

@@ -1,4 +1,4 @@
-"""Few-shot batches regrouped by length, so block training spends no compute on padding.
+"""Few-shot batches regrouped by length, so block training spends little compute on padding.
 
 A collator pads each batch to its longest example; with examples of mixed lengths a third or more
 of the positions can be padding, and every step of a data-driven method pays for them in every
@@ -11,6 +11,12 @@ fewer positions than sorted batches of 16 (19,636 real tokens in 22,352 position
 the same outputs on its real tokens and masked losses and statistics are the same sums; only which
 examples share a batch changes.
 
+Given a block call's own cost in token positions (``block_call_cost``: ``CALL_COST`` on a CPU),
+each of those batches is cut again into the pieces that cost least (``call_cuts``): a piece is its
+own block call, split off only where it removes more padding than the call costs. The pieces of one
+batch keep its ``unit`` number, and the learned-coefficient methods put a unit's pieces in the same
+optimiser step, so the steps are the ones the batches would make and only the calls change.
+
 It applies to right-padded token batches only: each batch's 2-D ``attention_mask`` (batch, tokens)
 must hold every example's real tokens first. Left padding (common for causal LMs) is left alone,
 because trimming it would move the real tokens' positions; so are batches without such a mask
@@ -21,34 +27,56 @@ the decoder's tokens have their own length and mask).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import torch
 
 LARGEST_BATCH = 4           # a regrouped batch holds at most this many times the given batches' size
+# What one more block call costs on a CPU, in token positions: a MiniLM layer's forward + backward in
+# bfloat16 took 5.6 ms per call beyond its tokens' 0.075 ms a position on one thread (75 positions),
+# 5.8 ms against 0.046 ms on two (124) (benchmarks/prodistill_kernels.py, ``calls``): weight-sized work
+# every call pays (autocast's casts, the weight gradient, its sum). Larger blocks cost more per
+# position and per call alike. At 80, glue8's merge was 3 % slower (docs/BENCHMARKS.md, item 19).
+CALL_COST = 128
 
 
-def group_by_length(batches: Sequence[Mapping]) -> list[Mapping]:
-    """The task's batches regrouped by length and trimmed (see the module), or ``batches`` as given
-    when they are not right-padded token batches."""
+def block_call_cost(device: torch.device) -> int | None:
+    """The cost of one more block call in token positions on ``device`` (``CALL_COST`` on a CPU), or
+    None where it was not measured (GPUs: no batch is cut into pieces)."""
+    return CALL_COST if device.type == "cpu" else None
+
+
+def group_by_length(batches: Sequence[Mapping], call_cost: int | None = None) -> tuple[list[Mapping], list[int]]:
+    """The task's batches regrouped by length and trimmed, each cut into its cheapest pieces given
+    ``call_cost`` (None: not cut), with the number of the regrouped batch (the step unit) each piece
+    came from (see the module); or ``batches`` as given, one unit each, when they are not
+    right-padded token batches."""
     examples: list[tuple[int, dict]] = []
     aligned: set[str] | None = None
     fill: dict[str, torch.Tensor] = {}
     size = 0
+    as_given = list(batches), list(range(len(batches)))
     for batch in batches:
         split = _split_examples(batch)
         if split is None or (aligned is not None and split[1] != aligned):
-            return list(batches)
+            return as_given
         examples.extend(split[0])
         aligned = split[1]
         for key, value in split[2].items():
             fill.setdefault(key, value)
         size = max(size, len(split[0]))
     if not examples:
-        return list(batches)
+        return as_given
     order = sorted(range(len(examples)), key=lambda position: -examples[position][0])
-    cuts = batch_cuts([examples[position][0] for position in order], size)
-    return [_stack([examples[position] for position in order[start:end]], aligned, fill)
-            for start, end in zip(cuts, cuts[1:])]
+    lengths = [examples[position][0] for position in order]
+    grouped, units = [], []
+    for unit, (start, end) in enumerate(pairwise(batch_cuts(lengths, size))):
+        pieces = [0, end - start] if call_cost is None else call_cuts(lengths[start:end], call_cost)
+        for first, last in pairwise(pieces):
+            grouped.append(_stack([examples[position] for position in order[start + first:start + last]],
+                                  aligned, fill))
+            units.append(unit)
+    return grouped, units
 
 
 def batch_cuts(lengths: Sequence[int], size: int) -> list[int]:
@@ -88,6 +116,30 @@ def batch_cuts(lengths: Sequence[int], size: int) -> list[int]:
     cuts, end = [total], total
     for start in reversed(starts):
         end = int(start[end])
+        cuts.append(end)
+    return cuts[::-1]
+
+
+def call_cuts(lengths: Sequence[int], call_cost: int) -> list[int]:
+    """Where to cut one batch's ``lengths`` (sorted longest first) into pieces so that the padded
+    positions (each piece's examples × its longest) plus ``call_cost`` positions per piece are fewest.
+    Returns the cut positions, 0 first and len last (``[0, len]``: one piece, when nothing pays).
+
+    ``best[i]`` is the least cost of the first i examples, the last piece being examples s..i-1 at
+    s's length; on a tie the last piece starts earliest (fewer pieces).
+    """
+    total = len(lengths)
+    length = torch.tensor(lengths, dtype=torch.int64)
+    best = torch.zeros(total + 1, dtype=torch.int64)
+    start = [0] * (total + 1)
+    for end in range(1, total + 1):
+        costs = best[:end] + length[:end] * (end - torch.arange(end)) + call_cost
+        first = int(torch.argmin(costs))               # the earliest of equal minima
+        best[end] = costs[first]
+        start[end] = first
+    cuts, end = [total], total
+    while end > 0:
+        end = start[end]
         cuts.append(end)
     return cuts[::-1]
 

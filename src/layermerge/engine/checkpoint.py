@@ -6,7 +6,9 @@ many blocks are finished, how long each took to train (a resumed run reports tho
 the seconds it spent reloading) and a fingerprint of the run. Activations are not saved: on resume they
 are recomputed exactly by re-capturing the streams and pushing them through the finished blocks,
 which costs forward passes only. Randomness is seeded per block from the run seed, so a resumed
-block draws the same numbers as in an uninterrupted run.
+block draws the same numbers as in an uninterrupted run. The fingerprint hashes the few-shot batches
+as given, before the engine regroups them and cuts them into pieces (``engine.batching``), so a run
+resumed with another ``call_cost`` goes on as a run with that cost would.
 """
 
 from __future__ import annotations

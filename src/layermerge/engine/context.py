@@ -41,11 +41,14 @@ class BlockResult:
 
 @dataclass(frozen=True)
 class PairRef:
-    """One cached batch of a task: ``size`` examples, ``batch`` its position in the task's list."""
+    """One cached batch of a task: ``size`` examples, ``batch`` its position in the task's list,
+    ``unit`` the batches that belong in one optimiser step together (pieces of one regrouped batch,
+    ``engine.batching``; a batch of its own when None)."""
 
     task: str
     batch: int
     size: int
+    unit: int | None = None
 
 
 class Streams:

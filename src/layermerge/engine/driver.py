@@ -30,7 +30,7 @@ from torch import nn
 
 from layermerge.blocks import BlockPlan
 from layermerge.distributed import SINGLE, DataParallel, resolve_device
-from layermerge.engine.batching import group_by_length, padding_share
+from layermerge.engine.batching import block_call_cost, group_by_length, padding_share
 from layermerge.engine.block_error import squared_error
 from layermerge.engine.cache import ActivationCache
 from layermerge.engine.capture import call_block_outputs, capture_block_inputs, hidden_of, outputs_at
@@ -274,22 +274,30 @@ class BlockEngine:
                  device: str | torch.device = "cpu", seed: int = 0, checkpoint_dir: str | Path | None = None,
                  resume: bool = False, quiet: bool = True, compute_dtype: str | torch.dtype | None = None,
                  sink: EngineSink | None = None, parallel: DataParallel | None = None,
-                 regroup_by_length: bool = True, non_block_weights: Mapping[str, torch.Tensor] | None = None):
+                 regroup_by_length: bool = True, call_cost: int | None = None,
+                 non_block_weights: Mapping[str, torch.Tensor] | None = None):
         self.model = model
         self.source = as_source(weights)
         self.tasks = list(self.source.tasks)
         _check_data(data, self.tasks)
+        self.parallel = parallel or SINGLE
+        self.device = resolve_device(device, self.parallel)
         self.padding_given = _padding(data, self.tasks)
+        self.data_given = data          # what a checkpoint's fingerprint hashes (the pieces depend on call_cost)
+        self.units = {task: list(range(len(data[task]))) for task in self.tasks}
         if regroup_by_length:
-            data = {task: group_by_length(data[task]) for task in self.tasks}
+            call_cost = block_call_cost(self.device) if call_cost is None else call_cost
+            if call_cost is not None:                # every rank must cut the batches alike (rank 0's)
+                call_cost = self.parallel.broadcast_int(call_cost, self.device)
+            regrouped = {task: group_by_length(data[task], call_cost) for task in self.tasks}
+            data = {task: batches for task, (batches, _) in regrouped.items()}
+            self.units = {task: units for task, (_, units) in regrouped.items()}
         self.data = data
         self.padding = _padding(data, self.tasks)
         self.merger = merger
         self.network = callable(getattr(merger, "merge_network", None))
         self.plan = plan or BlockPlan.from_model(model, block_plan, block_granularity)
         self.scaling = float(scaling)
-        self.parallel = parallel or SINGLE
-        self.device = resolve_device(device, self.parallel)
         self.dtype = resolve_compute_dtype(compute_dtype)
         self.seed = int(seed)
         self.quiet = quiet
@@ -335,7 +343,7 @@ class BlockEngine:
             self.streams.refs[task] = []
             for batch_index, batch in enumerate(self.data[task]):
                 size = input_batch_size(batch, task, batch_index)
-                self.streams.refs[task].append(PairRef(task, batch_index, size))
+                self.streams.refs[task].append(PairRef(task, batch_index, size, self.units[task][batch_index]))
                 if self.parallel.owns(position):
                     self.streams.local.add((task, batch_index))
                 position += 1
@@ -347,7 +355,7 @@ class BlockEngine:
                 "tasks": self.tasks, "blocks": list(self.plan.blocks),
                 "stack_starts": list(self.plan.stack_starts), "scaling": self.scaling,
                 "seed": self.seed, "compute_dtype": str(self.dtype or torch.float32),
-                "data": data_fingerprint(self.data), "weights": source_id() if callable(source_id) else None}
+                "data": data_fingerprint(self.data_given), "weights": source_id() if callable(source_id) else None}
 
     # ----------------------------------------------------------------- capture
     def _prepare_model(self) -> None:
@@ -644,7 +652,9 @@ def run_engine(model: nn.Module, weights, data: Mapping[str, Sequence[Mapping]],
     ``seed``, ``checkpoint_dir`` and ``resume``, ``quiet``, ``sink`` (where finished weights go; by
     default they are collected into the result), ``parallel`` (a DataParallel rank),
     ``regroup_by_length`` (default True: right-padded token batches are regrouped by length and
-    trimmed, ``layermerge.engine.batching``), ``non_block_weights`` (merged values for non-block
+    trimmed, ``layermerge.engine.batching``), ``call_cost`` (token positions one more block call
+    costs, for cutting regrouped batches into pieces; default ``batching.block_call_cost``),
+    ``non_block_weights`` (merged values for non-block
     weights, in place of Task Arithmetic: ``layermerge.engine.diagnostics.block_errors``).
     """
     if options.get("resume") and not options.get("checkpoint_dir"):

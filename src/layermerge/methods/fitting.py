@@ -166,34 +166,46 @@ def adam(leaves: list[torch.Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(leaves, lr=lr, foreach=False)
 
 
+def step_units(refs: list) -> list[list]:
+    """``refs`` gathered into the units a step takes whole: the pieces of one regrouped batch (same task
+    and ``unit``, ``engine.batching``), in order of first appearance; a ref without a unit is its own."""
+    units: dict[tuple, list] = {}
+    for position, ref in enumerate(refs):
+        unit = getattr(ref, "unit", None)
+        units.setdefault((ref.task, unit) if unit is not None else (None, position), []).append(ref)
+    return list(units.values())
+
+
 def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tensor], *, lr: float, epochs: int,
         batch_size: int, stop: StoppingRule | None = None, precision: str = "float32",
         schedule: str = "constant") -> list[float]:
     """Adam on ``leaves``; returns the loss summed over each epoch run (over all ranks).
 
-    Every epoch the cached batches are shuffled by ``ctx.generator`` (the same order on every rank)
-    and grouped until ``batch_size`` examples; ``group_loss(local_refs)`` is the loss of the group's
-    batches this rank holds, computed under ``training_precision(precision)``. At most ``epochs``
-    epochs, fewer when ``stop`` says so. Empty when there is nothing to learn (no leaves, lr 0 or
-    0 epochs). ``schedule`` sets the learning rate of each step (``scheduled_lr``): progress counts
-    the pairs seen out of ``epochs`` × all pairs, so a decay ends at the last epoch allowed, whether or
-    not ``stop`` ends training sooner.
+    Every epoch the cached batches are shuffled by ``ctx.generator`` (the same order on every rank;
+    the pieces of one regrouped batch stay together, ``step_units``) and grouped until ``batch_size``
+    examples; ``group_loss(local_refs)`` is the loss of the group's batches this rank holds, computed
+    under ``training_precision(precision)``. At most ``epochs`` epochs, fewer when ``stop`` says so.
+    Empty when there is nothing to learn (no leaves, lr 0 or 0 epochs). ``schedule`` sets the learning
+    rate of each step (``scheduled_lr``): progress counts the units (batches) seen out of ``epochs`` ×
+    all units, so a decay ends at the last epoch allowed, whether or not ``stop`` ends training sooner.
     """
     if not leaves or lr <= 0 or epochs <= 0:
         return []
     stop = stop or StoppingRule()
-    refs = ctx.pairs()
+    units = step_units(ctx.pairs())
     precision = resolve_precision(precision, ctx.device)
     optimizer = adam(leaves, lr)
     scheduled_lr(lr, schedule, 0.0)                  # an unknown schedule fails before any work
     losses: list[float] = []
     with keep_freed_memory():                        # each step reuses the memory the last one freed
         for epoch in ctx.progress(range(epochs), desc="epochs"):
-            order = torch.randperm(len(refs), generator=ctx.generator).tolist()
+            order = torch.randperm(len(units), generator=ctx.generator).tolist()
             epoch_loss, group, group_size = 0.0, [], 0
-            for position, ref_index in enumerate(order):
-                group.append(refs[ref_index])
-                group_size += refs[ref_index].size
+            for position, unit_index in enumerate(order):
+                if not group:
+                    first = position
+                group.extend(units[unit_index])
+                group_size += sum(ref.size for ref in units[unit_index])
                 if group_size < batch_size and position < len(order) - 1:
                     continue
                 optimizer.zero_grad(set_to_none=True)
@@ -208,8 +220,8 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
                     if leaf.grad is None:
                         leaf.grad = torch.zeros_like(leaf)
                 ctx.all_reduce_([leaf.grad for leaf in leaves])
-                if schedule != "constant":                # the pairs seen before this step, of all epochs'
-                    progress = (epoch * len(order) + position + 1 - len(group)) / (epochs * len(order))
+                if schedule != "constant":                # the units seen before this step, of all epochs'
+                    progress = (epoch * len(order) + first) / (epochs * len(order))
                     for settings in optimizer.param_groups:
                         settings["lr"] = scheduled_lr(lr, schedule, progress)
                 optimizer.step()

@@ -65,6 +65,10 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="seed of the per-block shuffles (data sampling has data.seed)")
     regroup_by_length: bool = Field(True, description="regroup each task's right-padded token batches by "
                                                       "length and trim them, so no block computes on padding")
+    call_cost: int | None = Field(None, ge=0, description="what one more block call costs, in token positions: "
+                                                          "a regrouped batch is cut into pieces where that "
+                                                          "removes more padding (default: 128 on a CPU, "
+                                                          "no pieces on a GPU)")
     checkpoint: bool = Field(True, description="write a checkpoint after every block (needed for resume)")
     checkpoint_dir: str | None = Field(None, description="checkpoint folder (default: OUTPUT.checkpoint)")
     keep_checkpoint: bool = Field(False, description="keep the checkpoint folder after a successful run")

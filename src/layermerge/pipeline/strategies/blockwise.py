@@ -130,7 +130,7 @@ class BlockStrategy(Strategy):
                         "scaling": self.scaling,
                         "cache_budget": cache_budget_bytes(engine.cache_budget), "spill_dir": engine.spill_dir,
                         "device": engine.device, "compute_dtype": engine.compute_dtype, "seed": engine.seed,
-                        "regroup_by_length": engine.regroup_by_length,
+                        "regroup_by_length": engine.regroup_by_length, "call_cost": engine.call_cost,
                         "checkpoint_dir": self.checkpoint_dir, "resume": engine.resume and not network,
                         "quiet": plan.quiet or not self.parallel.is_writer, "parallel": self.parallel}
 
