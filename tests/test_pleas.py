@@ -242,8 +242,11 @@ def test_partial_matching_keeps_the_units_that_disagree():
 
 # --------------------------------------------------------------------- two trained models
 def _toy_task():
+    """The same task whatever ran before: the teacher's initialisation does not read the global RNG."""
     generator = torch.Generator().manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))
     x = torch.randn(448, 10, generator=generator)
     with torch.no_grad():
         return x, teacher(x).argmax(1)
