@@ -14,9 +14,10 @@ from tinytext import build_tiny_text_base
 
 import layermerge.bench.runner as runner
 from layermerge.bench.results import normalised_average, summary
-from layermerge.bench.tracks import BUILTIN_TRACKS, load_track
+from layermerge.bench.tracks import BUILTIN_TRACKS, PRODISTILL_BUDGET, load_track
 from layermerge.cli import main as cli_main
 from layermerge.data import find_data_dir
+from layermerge.demo import DEMO_METHOD_PARAMS
 from layermerge.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(find_data_dir() is None, reason="shared data not present")
@@ -276,6 +277,11 @@ def test_builtin_tracks_follow_the_protocol(capsys):
     assert glue.method_params["np_merge"]["mode"] == "softmax" and "softmax" in glue.notes["np_merge"]
     assert vision.method_params["np_merge"].get("mode", "pairwise") == "pairwise"
     assert "softmax" not in vision.notes["np_merge"]
+    # ProDistill's budget is one setting: both tracks and the demo run it, and the notes name it
+    for track in (glue, vision):
+        assert track.method_params["prodistill"] == PRODISTILL_BUDGET == {"epochs": 12, "lr": 0.04}
+        assert "12 epochs" in track.notes["prodistill"] and "lr 0.04" in track.notes["prodistill"]
+    assert DEMO_METHOD_PARAMS["prodistill"] == PRODISTILL_BUDGET
 
 
 def test_measure_records_the_commands_own_peak(tmp_path):
