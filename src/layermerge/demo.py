@@ -47,7 +47,7 @@ DEMO_TASKS = ("sst2", "qqp", "qnli")
 DEMO_METHODS = ("task_arithmetic", "ties", "dare_ties", "emr", "prodistill")
 # ProDistill at the benchmark tracks' budget (``bench.tracks.PRODISTILL_BUDGET``: at most 12 epochs
 # per block at lr 0.04) instead of the paper's 50 epochs: on the demo's experts, seeds 0-2, it
-# scored 92.02 normalised against 92.51 at 20 epochs and lr 0.03, in 0.69x the time
+# scored 92.02 normalised against 92.51 at 20 epochs and lr 0.03, in 0.66x the time
 # (docs/BENCHMARKS.md, "Twelve epochs at lr 0.04").
 DEMO_METHOD_PARAMS: dict[str, dict] = {"prodistill": dict(PRODISTILL_BUDGET)}
 

@@ -85,7 +85,7 @@ BUDGET_NOTES = {
                   "tracks' selection splits as good as 20 epochs at lr 0.03, in 0.64-0.76x the time; the epochs "
                   "ablation shows the effect), fewer where the stopping rule ends a block, 64 examples per step "
                   "and bfloat16 matmuls where native (the defaults since issue 15)",
-    "distillmerge": "20 epochs, as ProDistill",
+    "distillmerge": "20 epochs instead of 50 (CPU budget; ProDistill's budget before it was measured at 12)",
     "adamerging": "100 Adam steps instead of the paper's 500 (CPU budget)",
     "neulig": "cross-entropy boosting loss with the few-shot labels (the entropy loss needs no labels but "
               "gave lower scores in docs/NEULIG.md)",
