@@ -333,7 +333,7 @@ def calls_part(repeats: int = 15) -> dict:
     from transformers import BertConfig
     from transformers.models.bert.modeling_bert import BertLayer
 
-    from layermerge.methods.fitting import training_precision
+    from layermerge.engine.precision import matmul_precision
 
     torch.manual_seed(0)
     layer = BertLayer(BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12,
@@ -345,7 +345,7 @@ def calls_part(repeats: int = 15) -> dict:
     generator = torch.Generator().manual_seed(1)
 
     def step(shapes):
-        with training_precision("bfloat16", cpu):
+        with matmul_precision("bfloat16", cpu):
             weights = {name: start[name] + deltas[name] * vectors[name] for name in start}
             loss = 0.0
             for examples, tokens in shapes:

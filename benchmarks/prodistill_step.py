@@ -12,7 +12,7 @@ a step (median of ``--steps``): W(λ), forward, backward, optimiser.
 * ``after, float32``: ``layermerge.methods.coefficients.combine`` and fused Adam;
 * ``after, bfloat16 (fused attention)`` / ``after, bfloat16 (math attention)``: the same under bfloat16
   autocast, with the CPU's fused SDPA kernel or the plain matmul-softmax path (what
-  ``training_precision`` used before it ran the attention in float32; that comparison is in
+  ``matmul_precision`` (then ``training_precision``) used before it ran the attention in float32; that comparison is in
   ``benchmarks/prodistill_kernels.py``).
 
 Part 3 (``--compile``): ``torch.compile(dynamic=True)`` of the same layer's forward + loss through

@@ -482,7 +482,7 @@ def main(argv=None) -> int:
     if method in ("prodistill", "distillmerge"):        # the precision the merge trained in (auto resolved)
         from torch import nn
 
-        from layermerge.methods.fitting import resolve_precision
+        from layermerge.engine.precision import resolve_precision
         from layermerge.methods.registry import get_method, validate_params
 
         chosen = validate_params(get_method(method), dict(params)).train_precision

@@ -12,8 +12,9 @@ from conftest import randomise_batch_norms_
 from layermerge.engine import StateDictSource
 from layermerge.engine.batching import group_by_length, padding_share
 from layermerge.engine.context import PairRef
+from layermerge.engine.precision import matmul_precision
 from layermerge.methods.coefficients import combine
-from layermerge.methods.fitting import StoppingRule, training_precision
+from layermerge.methods.fitting import StoppingRule
 from layermerge.methods.prodistill import prodistill_merge
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -263,13 +264,13 @@ def test_precision_is_validated():
     with pytest.raises(ConfigError, match="train_precision"):
         validate_params(_REGISTRY["prodistill"], {"train_precision": "float16"})
     with pytest.raises(ValueError):
-        training_precision("float16", torch.device("cpu"))
+        matmul_precision("float16", torch.device("cpu"))
 
 
 def test_auto_precision_keeps_convolution_blocks_in_float32():
     from torch import nn
 
-    from layermerge.methods.fitting import native_bfloat16, resolve_precision
+    from layermerge.engine.precision import native_bfloat16, resolve_precision
 
     cpu = torch.device("cpu")
     convolutional = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
@@ -454,7 +455,7 @@ def test_the_engine_measures_the_final_loss_the_method_would_compute(family_mode
 
 
 def test_bfloat16_training_runs_the_attention_in_float32():
-    """Under ``training_precision('bfloat16')`` on the CPU the linear layers multiply in bfloat16 and
+    """Under ``matmul_precision('bfloat16')`` on the CPU the linear layers multiply in bfloat16 and
     ``scaled_dot_product_attention`` runs in float32 (its output float32, equal to a float32 call)."""
     import torch.nn.functional as F
 
@@ -462,7 +463,7 @@ def test_bfloat16_training_runs_the_attention_in_float32():
     q, k, v = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(3))
     mask = torch.tensor([True, True, True, False, False]).expand(2, 1, 5, 5)
     weight = torch.randn(4, 4, generator=generator)
-    with training_precision("bfloat16", torch.device("cpu")):
+    with matmul_precision("bfloat16", torch.device("cpu")):
         attended = F.scaled_dot_product_attention(q.bfloat16(), k, v, attn_mask=mask)
         projected = F.linear(attended, weight)
     assert attended.dtype == torch.float32 and projected.dtype == torch.bfloat16

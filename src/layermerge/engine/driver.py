@@ -10,7 +10,9 @@ checkpoint. Only one block's weights are loaded at a time; activations live in a
 
 A method plugs in with an object that has a ``name`` and ``merge_block(ctx) -> BlockResult``, or
 ``merge_network(ctx) -> [BlockResult...]`` for methods trained end to end over every block; it
-sees modules and tensors only, never an architecture name.
+sees modules and tensors only, never an architecture name. A method may also say in which precision
+the engine runs a block's streams (``stream_precision(device, module) -> "float32" | "bfloat16"``;
+float32 when it does not).
 
 The template model may hold its parameters on the meta device (no memory): the engine assigns
 real tensors to the non-block weights and runs blocks through ``torch.func.functional_call``.
@@ -33,9 +35,16 @@ from layermerge.distributed import SINGLE, DataParallel, resolve_device
 from layermerge.engine.batching import block_call_cost, group_by_length, padding_share
 from layermerge.engine.block_error import squared_error
 from layermerge.engine.cache import ActivationCache
-from layermerge.engine.capture import call_block_outputs, capture_block_inputs, hidden_of, outputs_at
+from layermerge.engine.capture import (
+    call_block_outputs,
+    capture_block_inputs,
+    hidden_of,
+    outputs_at,
+    with_hidden_dtype,
+)
 from layermerge.engine.checkpoint import RunCheckpoint
 from layermerge.engine.context import BlockContext, BlockResult, NetworkContext, PairRef, Streams
+from layermerge.engine.precision import matmul_precision
 from layermerge.engine.sources import WeightSource, as_source, expert_tensor
 from layermerge.engine.tree import map_tensors
 from layermerge.errors import ConfigError, DataError, IncompatibleExpertsError, OutputError
@@ -313,6 +322,7 @@ class BlockEngine:
                               "(prodistill, regmean) for it")
         self.aliases = tied_aliases(model)
         self.output_formats: dict[int, int | None] = {}
+        self.stream_fallbacks: dict[int, str] = {}      # block index -> why its streams ran in float32
         self.carried: dict[int, tuple[int, ...]] = {}      # per stack: outputs each block hands on
         self._check_keys()
         self._index_batches()
@@ -395,7 +405,8 @@ class BlockEngine:
                       for earlier in range(stack)}
             first_capture = stack == self.plan.stacks - 1 and stack not in self.output_formats
             inputs = capture_block_inputs(self.model, self.plan, batch, first_block, stack=stack, replay=replay,
-                                          replay_formats=self.output_formats, run_to_end=first_capture)
+                                          replay_formats=self.output_formats, run_to_end=first_capture,
+                                          known_format=self.output_formats.get(stack, "unknown"))
             self.output_formats.setdefault(stack, inputs.output_format)
             self.carried[stack] = tuple(sorted(set(self.carried.get(stack, ())) | set(inputs.carried)))
             expected = self.streams.refs[task][position].size
@@ -467,6 +478,27 @@ class BlockEngine:
         last = self.plan.stack_blocks(stack)[-1]
         return self.carried.get(stack, ()) if index != last else ()
 
+    def _stream_precision(self, module: nn.Module) -> str:
+        """The precision the method asks its streams to be computed in (float32 unless it says)."""
+        choose = getattr(self.merger, "stream_precision", None)
+        return choose(self.device, module) if callable(choose) else "float32"
+
+    def _stream_outputs(self, index: int, module: nn.Module, params: dict[str, torch.Tensor],
+                        hidden: torch.Tensor, extra: tuple[tuple, dict]):
+        """``call_block_outputs`` for a stream, in the method's stream precision. The hidden states come
+        back in the stream's dtype whatever precision computed them; a block that cannot run in bfloat16
+        (as training falls back: DeBERTa's attention, X-MOD's adapters) is computed in float32 and the
+        first such failure is kept for the block's stats."""
+        precision = self._stream_precision(module)
+        if precision != "float32":
+            try:
+                with matmul_precision(precision, self.device):
+                    output = call_block_outputs(module, params, hidden, extra, self.dtype)
+                return with_hidden_dtype(output, hidden.dtype)
+            except RuntimeError as exc:
+                self.stream_fallbacks.setdefault(index, str(exc).strip().splitlines()[0][:120])
+        return call_block_outputs(module, params, hidden, extra, self.dtype)
+
     @torch.no_grad()
     def _expert_outputs(self, index: int, module: nn.Module, experts: dict[str, dict]) -> None:
         handed_on = self._handed_on(index)
@@ -474,7 +506,7 @@ class BlockEngine:
             for ref in self.streams.local_refs(task):
                 hidden = self.cache.get(("zi", task, ref.batch)).to(self.device)
                 extra = self.streams.extra("expert", task, ref.batch, index, self.device)
-                output = call_block_outputs(module, experts[task], hidden, extra, self.dtype)
+                output = self._stream_outputs(index, module, experts[task], hidden, extra)
                 self.cache.put(("yi", task, ref.batch), hidden_of(output))
                 if handed_on:      # the expert stream's own, used from the next block on
                     self.streams.put_carried("expert", task, ref.batch, outputs_at(output, handed_on), pending=True)
@@ -493,7 +525,7 @@ class BlockEngine:
                 if merged is not None:
                     hidden = self.cache.get(("zm", task, ref.batch)).to(self.device)
                     extra = self.streams.extra("merged", task, ref.batch, index, self.device)
-                    output = call_block_outputs(module, merged, hidden, extra, self.dtype)
+                    output = self._stream_outputs(index, module, merged, hidden, extra)
                     if loss is not None:
                         mask = self.streams.masks[(task, ref.batch)]
                         target = self.cache.get(("yi", task, ref.batch)).to(self.device)
@@ -601,6 +633,10 @@ class BlockEngine:
         loss = self._push(index, module, {k: v.detach() for k, v in result.params.items()}, result.loss_weights)
         if loss is not None:
             result.stats["loss_final"] = self.parallel.sum(loss, self.device)
+        result.stats["stream_precision"] = self._stream_precision(module)
+        if index in self.stream_fallbacks:
+            result.stats["stream_precision_fallback"] = (f"bfloat16 failed ({self.stream_fallbacks[index]}); "
+                                                         "streams computed in float32")
         if index >= finished and checkpoint is not None and self.parallel.is_writer:   # with the time a
             checkpoint.save_block(index, result.params, result.artifacts, result.stats,   # resume reports
                                   round(time.perf_counter() - started, 4))

@@ -22,6 +22,7 @@ from torch import nn
 
 from layermerge.engine import BlockResult
 from layermerge.engine.block_error import squared_error
+from layermerge.engine.precision import resolve_precision
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients
 from layermerge.methods.fitting import (
@@ -31,7 +32,6 @@ from layermerge.methods.fitting import (
     Tolerance,
     TrainPrecision,
     fit,
-    resolve_precision,
 )
 from layermerge.methods.registry import MethodParams, register
 

@@ -3,30 +3,24 @@
 ``fit`` runs epochs over shuffled groups of cached batches, data-parallel aware: each rank adds the
 loss of the batches it holds, gradients are summed across ranks before every step, so all ranks take
 identical steps. It stops early when a ``StoppingRule`` says the epoch loss has flattened, and can
-run the block's matmuls in bfloat16 (``training_precision``) while λ, the loss and the optimiser stay
+run the block's matmuls in bfloat16 (``engine.precision``) while λ, the loss and the optimiser stay
 in float32. Large depthwise convolutions take a faster weight gradient (``layermerge.methods.depthwise``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from layermerge.allocator import keep_freed_memory
-from layermerge.engine.capture import has_convolutions
+from layermerge.engine.precision import PRECISIONS, matmul_precision, resolve_precision
 from layermerge.methods.depthwise import faster_depthwise
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
 
 # The parameters of the loop, shared by the methods that use it (each sets its own defaults).
@@ -37,7 +31,7 @@ Tolerance = Annotated[float, Field(ge=0, lt=1, description="relative fall of the
                                                            "progress for patience")]
 TrainPrecision = Annotated[Literal[PRECISIONS], Field(
     description="matmul precision while λ is trained: float32, bfloat16 by autocast (λ, the loss, the "
-                "optimiser, streams and final weights stay float32), or auto (bfloat16 where the device "
+                "optimiser and the final weights stay float32), or auto (bfloat16 where the device "
                 "multiplies it natively, AMX/AVX512-BF16 CPUs or GPUs with bfloat16, and the block has no "
                 "convolutions)")]
 
@@ -90,72 +84,6 @@ class StoppingRule:
         return None
 
 
-@functools.cache
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that says so, or a CPU
-    with AMX-BF16 or AVX512-BF16 (Linux, read from /proc/cpuinfo). Elsewhere bfloat16 is emulated and
-    slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device, module: nn.Module | None = None) -> str:
-    """``auto``: bfloat16 where the device has native bfloat16 matmuls and ``module`` (the block) has
-    no convolutions, else float32. oneDNN's bfloat16 convolutions were slower than its float32 ones on
-    this project's AMX CPU (docs/BENCHMARKS.md), while its bfloat16 matmuls were ten times faster."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        convolutions = module is not None and has_convolutions(module)
-        return "bfloat16" if native_bfloat16(device) and not convolutions else "float32"
-    return precision
-
-
-class Float32Attention(TorchFunctionMode):
-    """``scaled_dot_product_attention`` in float32, outside autocast (CPU training under bfloat16).
-
-    oneDNN's bfloat16 attention was the slowest way on this project's CPU: forward + backward of
-    64 × 12 heads × 72 tokens took 87.7 ms by the matmul-softmax path and 263.4 ms by the fused
-    kernel in bfloat16, 59.5 ms by the fused (flash) kernel in float32 (docs/BENCHMARKS.md). The
-    block's linear layers stay in bfloat16; attention's inputs are cast up, its output goes on as
-    float32 and the next matmul casts it down again.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        args = tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
-        kwargs = {key: value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-                  for key, value in kwargs.items()}
-        with torch.autocast("cpu", enabled=False):
-            return func(*args, **kwargs)
-
-
-def training_precision(precision: str, device: torch.device):
-    """A context for the training forward passes: float32 as is, or bfloat16 matmuls by autocast.
-
-    Autocast keeps normalisation, softmax and reductions in float32 and hands float32 gradients back
-    to λ. On the CPU the attention runs in float32 (``Float32Attention``): oneDNN's bfloat16 matmuls
-    are fast (AMX), its bfloat16 attention is not (measured in docs/BENCHMARKS.md).
-    """
-    if resolve_precision(precision, device) == "float32":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if device.type == "cpu":
-        stack.enter_context(Float32Attention())
-    return stack
-
-
 def adam(leaves: list[torch.Tensor], lr: float) -> torch.optim.Adam:
     """Adam with the fused kernel where the device has one (one pass over λ, its moments and its
     gradient, no temporaries), else the one-tensor-at-a-time loop (the multi-tensor path holds
@@ -184,7 +112,7 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
     Every epoch the cached batches are shuffled by ``ctx.generator`` (the same order on every rank;
     the pieces of one regrouped batch stay together, ``step_units``) and grouped until ``batch_size``
     examples; ``group_loss(local_refs)`` is the loss of the group's batches this rank holds, computed
-    under ``training_precision(precision)``. At most ``epochs`` epochs, fewer when ``stop`` says so.
+    under ``matmul_precision(precision)``. At most ``epochs`` epochs, fewer when ``stop`` says so.
     Empty when there is nothing to learn (no leaves, lr 0 or 0 epochs). ``schedule`` sets the learning
     rate of each step (``scheduled_lr``): progress counts the units (batches) seen out of ``epochs`` ×
     all units, so a decay ends at the last epoch allowed, whether or not ``stop`` ends training sooner.
@@ -212,7 +140,7 @@ def fit(ctx, leaves: list[torch.Tensor], group_loss: Callable[[list], torch.Tens
                 local = [ref for ref in group if ctx.is_local(ref)]
                 value = 0.0
                 if local:
-                    with training_precision(precision, ctx.device), faster_depthwise(ctx.device):
+                    with matmul_precision(precision, ctx.device), faster_depthwise(ctx.device):
                         loss = group_loss(local)
                     loss.backward()
                     value = float(loss.detach())

@@ -15,9 +15,10 @@ faster"): 64 examples per Adam step at lr 0.03 (each step's λ-sized work — W(
 costs the same at 16 examples as at 64, and the larger lr makes up for the fewer steps), a block
 stops once its epoch loss has improved by less than 1 % for two epochs in a row (``patience=2,
 tolerance=0.01``), and the block's matmuls run in bfloat16 where the hardware does that natively
-(``train_precision=auto``). The paper's schedule is ``batch_size=16, lr=0.01, patience=0,
-train_precision=float32`` (with its ``epochs``); ``schedule`` can decay the lr (measured: it cost
-quality at equal epochs). Two switches change only the rounding: a step's cached batches share one
+(``train_precision=auto``), as do the no-gradient forwards that compute the experts' targets and push
+the streams on (``stream_precision=auto``). The paper's schedule is ``batch_size=16, lr=0.01,
+patience=0, train_precision=float32, stream_precision=float32`` (with its ``epochs``); ``schedule``
+can decay the lr (measured: it cost quality at equal epochs). Two switches change only the rounding: a step's cached batches share one
 block call where nothing ties them to their own shape (``stack_batches``, ``methods.stacking``), and
 CNN blocks train through their batch norms folded into the convolutions and their symmetric zero
 paddings moved into them (``fold_batch_norms``, ``methods.folding``).
@@ -29,9 +30,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from layermerge.engine import BlockResult, run_engine
 from layermerge.engine.block_error import squared_error
+from layermerge.engine.precision import matmul_precision, resolve_precision
 from layermerge.methods.base import DataDrivenMethod
 from layermerge.methods.coefficients import MergingCoefficients
 from layermerge.methods.fitting import (
@@ -41,7 +44,6 @@ from layermerge.methods.fitting import (
     Tolerance,
     TrainPrecision,
     fit,
-    resolve_precision,
 )
 from layermerge.methods.folding import FoldedBlock, fold_block
 from layermerge.methods.registry import MethodParams, register
@@ -66,6 +68,11 @@ class ProDistill(DataDrivenMethod):
         tolerance: Tolerance = 0.01
         schedule: Schedule = "constant"
         train_precision: TrainPrecision = "auto"
+        stream_precision: Literal["auto", "float32", "bfloat16"] = Field(
+            "auto", description="matmul precision of the forwards without gradients: the experts' targets "
+                                "Block(θ_i; z_i) and the push of the streams through the finished block. "
+                                "auto: as the block trains (train_precision); float32: exact targets (the "
+                                "paper); the streams and targets are stored in float32 either way")
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element (paper), one per task per tensor, or one per task per "
                                    "block")
@@ -143,7 +150,7 @@ class ProDistill(DataDrivenMethod):
         if p.input_mode == "dual" and not p.recompute_expert_outputs:
             # the loss of the final weights is the engine's to measure as it pushes z_m through them
             return BlockResult(final, coefficients.artifacts(), stats, loss_weights=scale)
-        with torch.no_grad():
+        with torch.no_grad(), self._target_precision(ctx):     # as the engine pushes z_m on
             local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
                              for ref in ctx.local_pairs())
         return BlockResult(final, coefficients.artifacts(), {**stats, "loss_final": ctx.sum(local_loss)})
@@ -154,17 +161,30 @@ class ProDistill(DataDrivenMethod):
         batches); otherwise the engine's cached Block(θ_i; z_i) serve."""
         if self.params.input_mode != "merged" or self.params.recompute_expert_outputs:
             return {}
-        with torch.no_grad():
-            return {ref: ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged").cpu()
-                    for ref in ctx.local_pairs()}
+        with torch.no_grad(), self._target_precision(ctx):
+            return {ref: ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged").to(
+                        ctx.merged_input(ref).dtype).cpu() for ref in ctx.local_pairs()}
+
+    def stream_precision(self, device: torch.device, module: nn.Module) -> str:
+        """The engine's question: the precision of this block's streams (``stream_precision``)."""
+        precision = self.params.stream_precision
+        if precision == "auto":
+            precision = self.params.train_precision
+        return resolve_precision(precision, device, module)
+
+    def _target_precision(self, ctx):
+        """The precision the engine computes cached targets in, for targets computed here."""
+        return matmul_precision(self.stream_precision(ctx.device, ctx.module), ctx.device)
 
     def _target(self, ctx, ref, targets) -> torch.Tensor:
         mode = self.params.input_mode
-        if self.params.recompute_expert_outputs:       # float32 like the cached targets, even under autocast
-            with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False):
+        if self.params.recompute_expert_outputs:       # in the precision of the cached targets
+            with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False), self._target_precision(ctx):
                 if mode == "merged":
-                    return ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged")
-                return ctx.run_expert(ref.task, ctx.expert_input(ref), ref)
+                    hidden = ctx.merged_input(ref)
+                    return ctx.run_expert(ref.task, hidden, ref, "merged").to(hidden.dtype)
+                hidden = ctx.expert_input(ref)
+                return ctx.run_expert(ref.task, hidden, ref).to(hidden.dtype)
         return targets[ref].to(ctx.device) if mode == "merged" else ctx.expert_output(ref)
 
     def _stream(self) -> str:
