@@ -11,8 +11,10 @@ checkpoint. Only one block's weights are loaded at a time; activations live in a
 A method plugs in with an object that has a ``name`` and ``merge_block(ctx) -> BlockResult``, or
 ``merge_network(ctx) -> [BlockResult...]`` for methods trained end to end over every block; it
 sees modules and tensors only, never an architecture name. A method may also say in which precision
-the engine runs a block's streams (``stream_precision(device, module) -> "float32" | "bfloat16"``;
-float32 when it does not).
+the engine computes a block's expert outputs (``expert_output_precision(device, module) -> "float32" |
+"bfloat16"``; float32 when it does not). The merged stream is always pushed in float32: it runs the
+learned weights, and a bfloat16 cast of them would turn differences at float32's last bits (a
+data-parallel sum's order) into bfloat16-sized ones in every later block.
 
 The template model may hold its parameters on the meta device (no memory): the engine assigns
 real tensors to the non-block weights and runs blocks through ``torch.func.functional_call``.
@@ -322,7 +324,7 @@ class BlockEngine:
                               "(prodistill, regmean) for it")
         self.aliases = tied_aliases(model)
         self.output_formats: dict[int, int | None] = {}
-        self.stream_fallbacks: dict[int, str] = {}      # block index -> why its streams ran in float32
+        self.precision_fallbacks: dict[int, str] = {}   # block index -> why its expert outputs ran in float32
         self.carried: dict[int, tuple[int, ...]] = {}      # per stack: outputs each block hands on
         self._check_keys()
         self._index_batches()
@@ -478,25 +480,26 @@ class BlockEngine:
         last = self.plan.stack_blocks(stack)[-1]
         return self.carried.get(stack, ()) if index != last else ()
 
-    def _stream_precision(self, module: nn.Module) -> str:
-        """The precision the method asks its streams to be computed in (float32 unless it says)."""
-        choose = getattr(self.merger, "stream_precision", None)
+    def _expert_output_precision(self, module: nn.Module) -> str:
+        """The precision the method asks the expert outputs to be computed in (float32 unless it says)."""
+        choose = getattr(self.merger, "expert_output_precision", None)
         return choose(self.device, module) if callable(choose) else "float32"
 
-    def _stream_outputs(self, index: int, module: nn.Module, params: dict[str, torch.Tensor],
-                        hidden: torch.Tensor, extra: tuple[tuple, dict]):
-        """``call_block_outputs`` for a stream, in the method's stream precision. The hidden states come
-        back in the stream's dtype whatever precision computed them; a block that cannot run in bfloat16
-        (as training falls back: DeBERTa's attention, X-MOD's adapters) is computed in float32 and the
-        first such failure is kept for the block's stats."""
-        precision = self._stream_precision(module)
+    def _expert_call(self, index: int, module: nn.Module, params: dict[str, torch.Tensor],
+                     hidden: torch.Tensor, extra: tuple[tuple, dict]):
+        """``call_block_outputs`` for the expert stream, in the method's precision. The hidden states come
+        back in the stream's dtype whatever computed them; a block that cannot run in bfloat16 (as
+        training falls back: DeBERTa's attention, X-MOD's adapters) is computed in float32 and the first
+        such failure is kept for the block's stats. Expert weights are the checkpoints', so the expert
+        stream is the same bits whatever the merge does."""
+        precision = self._expert_output_precision(module)
         if precision != "float32":
             try:
                 with matmul_precision(precision, self.device):
                     output = call_block_outputs(module, params, hidden, extra, self.dtype)
                 return with_hidden_dtype(output, hidden.dtype)
             except RuntimeError as exc:
-                self.stream_fallbacks.setdefault(index, str(exc).strip().splitlines()[0][:120])
+                self.precision_fallbacks.setdefault(index, str(exc).strip().splitlines()[0][:120])
         return call_block_outputs(module, params, hidden, extra, self.dtype)
 
     @torch.no_grad()
@@ -506,7 +509,7 @@ class BlockEngine:
             for ref in self.streams.local_refs(task):
                 hidden = self.cache.get(("zi", task, ref.batch)).to(self.device)
                 extra = self.streams.extra("expert", task, ref.batch, index, self.device)
-                output = self._stream_outputs(index, module, experts[task], hidden, extra)
+                output = self._expert_call(index, module, experts[task], hidden, extra)
                 self.cache.put(("yi", task, ref.batch), hidden_of(output))
                 if handed_on:      # the expert stream's own, used from the next block on
                     self.streams.put_carried("expert", task, ref.batch, outputs_at(output, handed_on), pending=True)
@@ -525,7 +528,7 @@ class BlockEngine:
                 if merged is not None:
                     hidden = self.cache.get(("zm", task, ref.batch)).to(self.device)
                     extra = self.streams.extra("merged", task, ref.batch, index, self.device)
-                    output = self._stream_outputs(index, module, merged, hidden, extra)
+                    output = call_block_outputs(module, merged, hidden, extra, self.dtype)
                     if loss is not None:
                         mask = self.streams.masks[(task, ref.batch)]
                         target = self.cache.get(("yi", task, ref.batch)).to(self.device)
@@ -633,10 +636,10 @@ class BlockEngine:
         loss = self._push(index, module, {k: v.detach() for k, v in result.params.items()}, result.loss_weights)
         if loss is not None:
             result.stats["loss_final"] = self.parallel.sum(loss, self.device)
-        result.stats["stream_precision"] = self._stream_precision(module)
-        if index in self.stream_fallbacks:
-            result.stats["stream_precision_fallback"] = (f"bfloat16 failed ({self.stream_fallbacks[index]}); "
-                                                         "streams computed in float32")
+        result.stats["expert_output_precision"] = self._expert_output_precision(module)
+        if index in self.precision_fallbacks:
+            result.stats["expert_output_precision_fallback"] = (
+                f"bfloat16 failed ({self.precision_fallbacks[index]}); expert outputs computed in float32")
         if index >= finished and checkpoint is not None and self.parallel.is_writer:   # with the time a
             checkpoint.save_block(index, result.params, result.artifacts, result.stats,   # resume reports
                                   round(time.perf_counter() - started, 4))

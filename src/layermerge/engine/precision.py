@@ -1,9 +1,9 @@
 """The precision block forwards run in: float32, or bfloat16 matmuls by autocast where that is faster.
 
-Training (``methods.fitting``) runs the merged block's forward and backward in it, and the engine's
-streams (the experts' targets, the push of the merged stream) in whatever a method's
-``stream_precision`` asks for. ``auto`` picks bfloat16 where the device multiplies it natively and
-the block has no convolutions.
+Training (``methods.fitting``) runs the merged block's forward and backward in it, and the engine
+computes the expert outputs (the targets) in whatever a method's ``expert_output_precision`` asks
+for. ``auto`` picks bfloat16 where the device multiplies it natively and the block has no
+convolutions.
 """
 
 from __future__ import annotations

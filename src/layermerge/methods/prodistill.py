@@ -15,13 +15,14 @@ faster"): 64 examples per Adam step at lr 0.03 (each step's λ-sized work — W(
 costs the same at 16 examples as at 64, and the larger lr makes up for the fewer steps), a block
 stops once its epoch loss has improved by less than 1 % for two epochs in a row (``patience=2,
 tolerance=0.01``), and the block's matmuls run in bfloat16 where the hardware does that natively
-(``train_precision=auto``), as do the no-gradient forwards that compute the experts' targets and push
-the streams on (``stream_precision=auto``). The paper's schedule is ``batch_size=16, lr=0.01,
-patience=0, train_precision=float32, stream_precision=float32`` (with its ``epochs``); ``schedule``
-can decay the lr (measured: it cost quality at equal epochs). Two switches change only the rounding: a step's cached batches share one
-block call where nothing ties them to their own shape (``stack_batches``, ``methods.stacking``), and
-CNN blocks train through their batch norms folded into the convolutions and their symmetric zero
-paddings moved into them (``fold_batch_norms``, ``methods.folding``).
+(``train_precision=auto``), and so do the forwards that compute the experts' targets
+(``target_precision=auto``). The paper's schedule is ``batch_size=16, lr=0.01, patience=0,
+train_precision=float32, target_precision=float32`` (with its ``epochs``); ``schedule`` can decay
+the lr (measured: it cost quality at equal epochs). Two switches change only the rounding: a
+step's cached batches share one block call where nothing ties them to their own shape
+(``stack_batches``, ``methods.stacking``), and CNN blocks train through their batch norms folded into
+the convolutions and their symmetric zero paddings moved into them (``fold_batch_norms``,
+``methods.folding``).
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ class ProDistill(DataDrivenMethod):
         tolerance: Tolerance = 0.01
         schedule: Schedule = "constant"
         train_precision: TrainPrecision = "auto"
-        stream_precision: Literal["auto", "float32", "bfloat16"] = Field(
-            "auto", description="matmul precision of the forwards without gradients: the experts' targets "
-                                "Block(θ_i; z_i) and the push of the streams through the finished block. "
-                                "auto: as the block trains (train_precision); float32: exact targets (the "
-                                "paper); the streams and targets are stored in float32 either way")
+        target_precision: Literal["auto", "float32", "bfloat16"] = Field(
+            "auto", description="matmul precision of the experts' targets Block(θ_i; z_i) (and so of the "
+                                "expert stream, computed once per block without gradients). auto: as the "
+                                "block trains (train_precision), so targets and trained outputs are "
+                                "rounded alike; float32: exact targets (the paper). Stored in float32 "
+                                "either way")
         granularity: Literal["element", "tensor", "task"] = Field(
             "element", description="λ per element (paper), one per task per tensor, or one per task per "
                                    "block")
@@ -150,7 +152,7 @@ class ProDistill(DataDrivenMethod):
         if p.input_mode == "dual" and not p.recompute_expert_outputs:
             # the loss of the final weights is the engine's to measure as it pushes z_m through them
             return BlockResult(final, coefficients.artifacts(), stats, loss_weights=scale)
-        with torch.no_grad(), self._target_precision(ctx):     # as the engine pushes z_m on
+        with torch.no_grad():
             local_loss = sum(float(scale[ref.task] * self._error(ctx, final, ref, targets))
                              for ref in ctx.local_pairs())
         return BlockResult(final, coefficients.artifacts(), {**stats, "loss_final": ctx.sum(local_loss)})
@@ -165,16 +167,16 @@ class ProDistill(DataDrivenMethod):
             return {ref: ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged").to(
                         ctx.merged_input(ref).dtype).cpu() for ref in ctx.local_pairs()}
 
-    def stream_precision(self, device: torch.device, module: nn.Module) -> str:
-        """The engine's question: the precision of this block's streams (``stream_precision``)."""
-        precision = self.params.stream_precision
+    def expert_output_precision(self, device: torch.device, module: nn.Module) -> str:
+        """The engine's question: the precision of this block's targets (``target_precision``)."""
+        precision = self.params.target_precision
         if precision == "auto":
             precision = self.params.train_precision
         return resolve_precision(precision, device, module)
 
     def _target_precision(self, ctx):
         """The precision the engine computes cached targets in, for targets computed here."""
-        return matmul_precision(self.stream_precision(ctx.device, ctx.module), ctx.device)
+        return matmul_precision(self.expert_output_precision(ctx.device, ctx.module), ctx.device)
 
     def _target(self, ctx, ref, targets) -> torch.Tensor:
         mode = self.params.input_mode

@@ -1,9 +1,10 @@
-"""The engine's streams in the precision a method asks for, and capture without repeated block calls.
+"""The expert outputs in the precision a method asks for, and capture without repeated block calls.
 
-The streams (the experts' outputs Block(θ_i; z_i) and the push of z_m through each finished block)
-run without gradients; a method may ask for them in bfloat16 (``stream_precision``), where they are
+The expert outputs Block(θ_i; z_i) (the targets, and the expert stream's next inputs) run without
+gradients; a method may ask for them in bfloat16 (``expert_output_precision``), where they are
 checked here against the same forwards computed by hand under ``matmul_precision``. They come back in
-float32 whatever computed them, and a block that cannot run in bfloat16 falls back to float32.
+float32 whatever computed them, a block that cannot run in bfloat16 falls back to float32, and the
+merged stream is pushed in float32 regardless.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def tiny_bert():
 
 
 class RecordingTaskArithmetic:
-    """Per-block Task Arithmetic that asks for its streams in ``precision`` and keeps, for block 1,
-    the expert stream's inputs and outputs and the merged stream's input as the engine hands them over."""
+    """Per-block Task Arithmetic that asks for its expert outputs in ``precision`` and keeps, for block
+    1, the expert stream's inputs and outputs and the merged stream's input as the engine hands them
+    over."""
 
     name = "recording_task_arithmetic"
 
@@ -57,7 +59,7 @@ class RecordingTaskArithmetic:
         self.precision = precision
         self.seen: dict[str, torch.Tensor] = {}
 
-    def stream_precision(self, device, module):
+    def expert_output_precision(self, device, module):
         return self.precision
 
     def merge_block(self, ctx):
@@ -77,7 +79,7 @@ def run(precision: str, base, experts, data):
     return method, result
 
 
-def test_bfloat16_streams_are_the_expert_forwards_under_autocast_and_stay_float32():
+def test_bfloat16_expert_outputs_are_the_expert_forwards_under_autocast_and_stay_float32():
     base, experts, data = tiny_bert()
     exact, exact_result = run("float32", base, experts, data)
     fast, fast_result = run("bfloat16", base, experts, data)
@@ -91,20 +93,22 @@ def test_bfloat16_streams_are_the_expert_forwards_under_autocast_and_stay_float3
             by_hand_bf16 = call_block(fast.module, fast.weights, fast.seen["zi"], fast.seen["extra"])
     assert torch.equal(fast.seen["yi"], by_hand_bf16.float())
     assert not torch.equal(fast.seen["yi"], by_hand)
-    assert [stats["stream_precision"] for stats in fast_result.block_stats] == ["bfloat16"] * 2
-    assert [stats["stream_precision"] for stats in exact_result.block_stats] == ["float32"] * 2
-    assert not any("stream_precision_fallback" in stats for stats in fast_result.block_stats)
+    # The merged stream is pushed in float32 either way: its input to block 1 is the same bits.
+    assert torch.equal(fast.seen["zm"], exact.seen["zm"])
+    assert [stats["expert_output_precision"] for stats in fast_result.block_stats] == ["bfloat16"] * 2
+    assert [stats["expert_output_precision"] for stats in exact_result.block_stats] == ["float32"] * 2
+    assert not any("expert_output_precision_fallback" in stats for stats in fast_result.block_stats)
     # The merged weights do not depend on the streams for Task Arithmetic: identical.
     for key, tensor in exact_result.state_dict.items():
         assert torch.equal(fast_result.state_dict[key], tensor), key
 
 
-def test_a_method_without_stream_precision_gets_float32_streams():
+def test_a_method_without_expert_output_precision_gets_float32():
     base, experts, data = tiny_bert()
     exact, _ = run("float32", base, experts, data)
 
     class Plain(RecordingTaskArithmetic):
-        stream_precision = None
+        expert_output_precision = None
 
     method = Plain("ignored")
     run_engine(copy.deepcopy(base), StateDictSource.from_models(base, experts), data, method,
@@ -139,7 +143,7 @@ class Stack(nn.Module):
         return hidden
 
 
-def test_a_block_that_fails_in_bfloat16_streams_in_float32_and_says_so():
+def test_a_block_that_fails_in_bfloat16_gets_float32_expert_outputs_and_says_so():
     torch.manual_seed(0)
     base = Stack().eval()
     experts = {task: perturbed(base, seed=i + 1) for i, task in enumerate(TASKS)}
@@ -154,8 +158,9 @@ def test_a_block_that_fails_in_bfloat16_streams_in_float32_and_says_so():
     (exact, _), (fell_back, result) = results["float32"], results["bfloat16"]
     for name in ("zi", "yi", "zm"):
         assert torch.equal(fell_back.seen[name], exact.seen[name]), name
-    assert [stats["stream_precision"] for stats in result.block_stats] == ["bfloat16"] * 2
-    assert all("expected scalar type" in stats["stream_precision_fallback"] for stats in result.block_stats)
+    assert [stats["expert_output_precision"] for stats in result.block_stats] == ["bfloat16"] * 2
+    assert all("expected scalar type" in stats["expert_output_precision_fallback"]
+               for stats in result.block_stats)
 
 
 def test_hidden_states_come_back_in_the_streams_dtype():
@@ -169,14 +174,14 @@ def test_hidden_states_come_back_in_the_streams_dtype():
 
 
 @pytest.mark.parametrize("train_precision, expected", [("float32", "float32"), ("bfloat16", "bfloat16")])
-def test_prodistill_streams_follow_its_training_precision(train_precision, expected):
+def test_prodistill_targets_follow_its_training_precision(train_precision, expected):
     base, experts, data = tiny_bert()
     source = StateDictSource.from_models(base, experts)
     options = {"lr": 0.05, "epochs": 2, "train_precision": train_precision}
     auto = prodistill_merge(copy.deepcopy(base), source, data, **options)
-    assert [stats["stream_precision"] for stats in auto.block_stats] == [expected] * 2
-    chosen = prodistill_merge(copy.deepcopy(base), source, data, stream_precision=expected, **options)
-    exact = prodistill_merge(copy.deepcopy(base), source, data, stream_precision="float32", **options)
+    assert [stats["expert_output_precision"] for stats in auto.block_stats] == [expected] * 2
+    chosen = prodistill_merge(copy.deepcopy(base), source, data, target_precision=expected, **options)
+    exact = prodistill_merge(copy.deepcopy(base), source, data, target_precision="float32", **options)
     for key, tensor in auto.state_dict.items():
         assert torch.equal(chosen.state_dict[key], tensor), key
     differs = [key for key, tensor in auto.state_dict.items() if not torch.equal(exact.state_dict[key], tensor)]
