@@ -163,9 +163,17 @@ class ProDistill(DataDrivenMethod):
         batches); otherwise the engine's cached Block(θ_i; z_i) serve."""
         if self.params.input_mode != "merged" or self.params.recompute_expert_outputs:
             return {}
-        with torch.no_grad(), self._target_precision(ctx):
-            return {ref: ctx.run_expert(ref.task, ctx.merged_input(ref), ref, "merged").to(
-                        ctx.merged_input(ref).dtype).cpu() for ref in ctx.local_pairs()}
+        targets = {}
+        with torch.no_grad():
+            for ref in ctx.local_pairs():
+                hidden = ctx.merged_input(ref)
+                try:
+                    with self._target_precision(ctx):
+                        target = ctx.run_expert(ref.task, hidden, ref, "merged")
+                except RuntimeError:        # a block that cannot run in bfloat16, as the engine falls back
+                    target = ctx.run_expert(ref.task, hidden, ref, "merged")
+                targets[ref] = target.to(hidden.dtype).cpu()
+        return targets
 
     def expert_output_precision(self, device: torch.device, module: nn.Module) -> str:
         """The engine's question: the precision of this block's targets (``target_precision``)."""
