@@ -25,12 +25,7 @@ from layermerge.methods.prodistill import prodistill_merge
 TASKS = ("t0", "t1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_bert():
