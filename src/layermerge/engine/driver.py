@@ -486,13 +486,12 @@ class BlockEngine:
         return choose(self.device, module) if callable(choose) else "float32"
 
     def _expert_call(self, index: int, module: nn.Module, params: dict[str, torch.Tensor],
-                     hidden: torch.Tensor, extra: tuple[tuple, dict]):
-        """``call_block_outputs`` for the expert stream, in the method's precision. The hidden states come
+                     hidden: torch.Tensor, extra: tuple[tuple, dict], precision: str):
+        """``call_block_outputs`` for the expert stream, in ``precision``. The hidden states come
         back in the stream's dtype whatever computed them; a block that cannot run in bfloat16 (as
         training falls back: DeBERTa's attention, X-MOD's adapters) is computed in float32 and the first
         such failure is kept for the block's stats. Expert weights are the checkpoints', so the expert
         stream is the same bits whatever the merge does."""
-        precision = self._expert_output_precision(module)
         if precision != "float32":
             try:
                 with matmul_precision(precision, self.device):
@@ -505,11 +504,12 @@ class BlockEngine:
     @torch.no_grad()
     def _expert_outputs(self, index: int, module: nn.Module, experts: dict[str, dict]) -> None:
         handed_on = self._handed_on(index)
+        precision = self._expert_output_precision(module)
         for task in self.tasks:
             for ref in self.streams.local_refs(task):
                 hidden = self.cache.get(("zi", task, ref.batch)).to(self.device)
                 extra = self.streams.extra("expert", task, ref.batch, index, self.device)
-                output = self._expert_call(index, module, experts[task], hidden, extra)
+                output = self._expert_call(index, module, experts[task], hidden, extra, precision)
                 self.cache.put(("yi", task, ref.batch), hidden_of(output))
                 if handed_on:      # the expert stream's own, used from the next block on
                     self.streams.put_carried("expert", task, ref.batch, outputs_at(output, handed_on), pending=True)
