@@ -125,22 +125,25 @@ class AutocastRefusingBlock(nn.Module):
         return x + torch.tanh(self.linear(x))
 
 
-class Stack(nn.Module):
-    def __init__(self):
+class TwoBlocks(nn.Module):
+    """An embedding and two blocks of ``block_type``; a block's tuple output hands on its first item."""
+
+    def __init__(self, block_type: type[nn.Module]):
         super().__init__()
         self.embed = nn.Linear(4, 4)
-        self.layers = nn.ModuleList(AutocastRefusingBlock() for _ in range(2))
+        self.layers = nn.ModuleList(block_type() for _ in range(2))
 
     def forward(self, inputs):
         hidden = self.embed(inputs)
         for layer in self.layers:
-            hidden = layer(hidden)
+            out = layer(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
 
 def test_a_block_that_fails_in_bfloat16_gets_float32_expert_outputs_and_says_so():
     torch.manual_seed(0)
-    base = Stack().eval()
+    base = TwoBlocks(AutocastRefusingBlock).eval()
     experts = {task: perturbed(base, seed=i + 1) for i, task in enumerate(TASKS)}
     data = {task: [{"inputs": torch.randn(3, 4, generator=torch.Generator().manual_seed(i))}]
             for i, task in enumerate(TASKS)}
@@ -198,22 +201,8 @@ class CountingBlock(nn.Module):
 def test_capture_skips_the_format_call_once_the_format_is_known(known_format):
     """The first block's one real call only teaches the output format; a stream's later batches skip it
     when the format says the block hands on nothing but its hidden states."""
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(4, 4)
-            self.layers = nn.ModuleList(CountingBlock() for _ in range(2))
-
-        def forward(self, inputs):
-            hidden = self.embed(inputs)
-            for layer in self.layers:
-                out = layer(hidden)
-                hidden = out[0] if isinstance(out, tuple) else out
-            return hidden
-
     torch.manual_seed(0)
-    model = Model().eval()
+    model = TwoBlocks(CountingBlock).eval()
     plan = layermerge.blocks.BlockPlan(("embed",), ("layers.0", "layers.1"), ())
     batch = {"inputs": torch.randn(3, 4)}
     learned = capture_block_inputs(model, plan, batch)
