@@ -187,6 +187,83 @@ def test_report_only_merges_nothing_and_leaves_missing_runs_out(tiny_bench, monk
     assert f"| {dare['seeds'][0]} |" in (tiny_bench["root"] / "partial" / "tiny.md").read_text()
 
 
+def test_earlier_results_fill_the_rows_without_records_and_are_marked(tiny_bench, monkeypatch, capsys):
+    """`--earlier`: a row with no record here comes whole from an earlier results file, marked with its
+    date; rows with records are this version's; only the reported studies are carried."""
+    monkeypatch.setattr(runner, "measured_merge", lambda *a: pytest.fail("--report-only must not merge"))
+    root = tiny_bench["root"]
+    work = root / "work-earlier"
+    shutil.copytree(root / "work", work)
+    for pattern in ("ties-*.json", "prodistill-*.json"):     # main-table ties, and every ProDistill run
+        for record in (work / "runs").glob(pattern):
+            record.unlink()
+    earlier = dict(tiny_bench["results"])
+    earlier["meta"] = {**earlier["meta"], "date": "2026-01-02T03:04:05+00:00", "command": "layermerge bench tiny"}
+    experts = earlier["references"]["experts"]
+    earlier["references"] = {**earlier["references"],
+                             "experts": {**experts, "scores": {**experts["scores"], "rte": 12.5}}}
+    earlier_file = root / "earlier.json"
+    earlier_file.write_text(json.dumps(earlier))
+    args = [a if a != str(root / "work") else str(work) for a in tiny_bench["args"]]
+    args = [*args, "--report-only", "--report-dir", str(root / "carried"), "--earlier", str(earlier_file)]
+    assert cli_main(args) == 0
+    results = json.loads((root / "carried" / "tiny.json").read_text())
+    rows = {(r["study"], r["row"]): r for r in results["rows"]}
+    before = {(r["study"], r["row"]): r for r in tiny_bench["results"]["rows"]}
+    assert list(rows) == list(before)          # carried rows sit where the plan puts them, not at the end
+    carried = {key for key, row in rows.items() if "carried" in row}
+    assert carried == {("main", "ties"), ("main", "prodistill"), ("shots", "shots=2"), ("shots", "shots=4")}
+    for key in carried:
+        assert rows[key]["normalised"] == before[key]["normalised"] and rows[key]["runs"] == before[key]["runs"]
+        assert rows[key]["carried"]["file"] == str(earlier_file)
+    assert results["carried_from"][0]["rows"] == ["ties", "prodistill", "shots: shots=2", "shots: shots=4"]
+    text = (root / "carried" / "tiny.md").read_text()
+    now = tiny_bench["results"]["references"]["experts"]["scores"]["rte"]
+    assert "| ties (2026-01-02) | data-free |" in text and "| task_arithmetic | data-free |" in text
+    assert "| shots=2 (2026-01-02) | prodistill" in text
+    assert f"- Rows marked (2026-01-02) are carried from `{earlier_file}` (`layermerge bench tiny`)" in text
+    assert f"rte 12.5 (now {now:.1f}) on test" in text and "sst2" not in text.split("Rows marked")[1].split("\n")[0]
+    # Only the studies being reported are carried: main alone leaves the ablation rows out.
+    assert cli_main([*args, "--stages", "main"]) == 0
+    results = json.loads((root / "carried" / "tiny.json").read_text())
+    assert {(r["study"], r["row"]) for r in results["rows"] if "carried" in r} == {("main", "ties"),
+                                                                                   ("main", "prodistill")}
+    # Carrying from a report that itself carried rows keeps their first mark (where and when measured).
+    second = root / "second.json"
+    shutil.copy(root / "carried" / "tiny.json", second)
+    for record in (work / "runs").glob("task_arithmetic-*.json"):
+        record.unlink()
+    assert cli_main([*args[:-1], str(second), "--stages", "main"]) == 0
+    results = json.loads((root / "carried" / "tiny.json").read_text())
+    marks = {r["row"]: r["carried"] for r in results["rows"] if "carried" in r}
+    assert marks["ties"]["file"] == marks["prodistill"]["file"] == str(earlier_file)
+    assert marks["task_arithmetic"]["file"] == str(second)
+    assert [(entry["file"], entry["rows"]) for entry in results["carried_from"]] == [
+        (str(second), ["task_arithmetic"]), (str(earlier_file), ["ties", "prodistill"])]
+    assert "| task_arithmetic (20" in (root / "carried" / "tiny.md").read_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"),
+    ("{not json", "not JSON"),
+    ('{"rows": []}', "not a `layermerge bench` results file"),
+    ('{"track": [], "tasks": [], "rows": [], "meta": {}, "references": {}}', "not a `layermerge bench` results"),
+    ('{"track": {"name": "other"}, "tasks": [], "rows": [], "meta": {}, "references": {}}',
+     "holds results of track 'other', not 'tiny'"),
+    ('{"track": {"name": "tiny"}, "tasks": ["rte"], "rows": [], "meta": {}, "references": {}}',
+     "scored the tasks ['rte']"),
+])
+def test_a_bad_earlier_file_is_one_line_and_merges_nothing(tiny_bench, monkeypatch, capsys, tmp_path,
+                                                            content, message):
+    monkeypatch.setattr(runner, "measured_merge", lambda *a: pytest.fail("a bad --earlier must stop first"))
+    earlier = tmp_path / "earlier.json"
+    if content is not None:
+        earlier.write_text(content)
+    assert cli_main([*tiny_bench["args"], "--rerun", "ties", "--earlier", str(earlier)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1 and "Traceback" not in error
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA for the merge to fail")
 def test_a_failing_merge_is_reported_and_not_cached(tiny_bench, capsys):
     """A merge that fails in its own process (no CUDA here) makes the row a failure, exit code 1."""

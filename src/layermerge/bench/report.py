@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from layermerge.bench.results import best_data_free, main_rows
+from layermerge.bench.results import best_data_free, is_carried, main_rows
 from layermerge.errors import ConfigError
 
 
@@ -26,6 +26,13 @@ def _pm(stat: dict, digits: int = 1) -> str:
 
 def _num(value, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _label(row: dict) -> str:
+    """The row's name; a row carried from an earlier results file shows the date it was measured."""
+    if is_carried(row):
+        return f"{row['row']} ({(row['carried'].get('date') or 'earlier')[:10]})"
+    return row["row"]
 
 
 def _params(row: dict) -> str:
@@ -55,14 +62,26 @@ def main_table(results: dict) -> str:
         if row.get("per_task_models"):
             kind += ", per-task models"
         if not row["runs"]:
-            lines.append(f"| {row['row']} | {kind} | failed: {row['failures'][0] if row['failures'] else '?'} |")
+            lines.append(f"| {_label(row)} | {kind} | failed: {row['failures'][0] if row['failures'] else '?'} |")
             continue
         cells = " | ".join(_num(row["scores"][t]["mean"]) for t in tasks)
         seeds = ", ".join("—" if s is None else str(s) for s in row["seeds"])
         divided = _num(ratio_of_averages(row["average"]["mean"], experts_average))
-        lines.append(f"| {row['row']} | {kind} | {cells} | {_pm(row['average'])} | {_pm(row['normalised'])} | "
+        lines.append(f"| {_label(row)} | {kind} | {cells} | {_pm(row['average'])} | {_pm(row['normalised'])} | "
                      f"{divided} | {seeds} |")
     return "\n".join(lines)
+
+
+def carried_note(entry: dict) -> str:
+    """Where the rows marked with a date come from, and whether the experts have changed since."""
+    note = (f"- Rows marked ({(entry.get('date') or 'earlier')[:10]}) are carried from `{entry['file']}` "
+            f"(`{entry.get('command')}`): neither this invocation nor this version's run records had them.")
+    changed = entry.get("experts_changed") or {}
+    if changed:
+        note += (" Its experts scored " + ", ".join(f"{t} {then:.1f} (now {now:.1f})" for t, (then, now)
+                                                     in changed.items())
+                 + " on test: those rows' normalised averages are against the experts of then.")
+    return note
 
 
 def ratio_of_averages(average: float | None, experts_average: float | None) -> float | None:
@@ -87,7 +106,7 @@ def ablation_tables(results: dict) -> str:
             if subsets:
                 cell = " " + ", ".join(f"{t} {_num(stat['mean'])}" for t, stat in row["scores"].items()) + " |"
             seeds = ",".join("—" if seed is None else str(seed) for seed in row["seeds"]) or "—"
-            lines.append(f"| {row['row']} | {row['method']} ({_params(row)}) | {row['shots'] or '—'} | {seeds} |"
+            lines.append(f"| {_label(row)} | {row['method']} ({_params(row)}) | {row['shots'] or '—'} | {seeds} |"
                          f"{cell} {_pm(row['average'])} | {_pm(row['normalised'])} | {_pm(row['wall_s'], 0)} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -98,7 +117,7 @@ def cost_table(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     rows = [r for r in main_rows(results) if r["runs"] and (r["needs_data"] or r["method"] == "task_arithmetic")]
     for row in sorted(rows, key=lambda r: r["wall_s"]["mean"] or 0):
-        lines.append(f"| {row['row']} | {_pm(row['wall_s'], 1)} | {_pm(row['peak_rss_mib'], 0)} | "
+        lines.append(f"| {_label(row)} | {_pm(row['wall_s'], 1)} | {_pm(row['peak_rss_mib'], 0)} | "
                      f"{_pm(row['time_vs_task_arithmetic'], 2)} | {_pm(row['rss_vs_task_arithmetic'], 2)} | "
                      f"{_pm(row['normalised'])} |")
     return "\n".join(lines)
@@ -146,6 +165,7 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         f"{track['ablation_seeds'] or track['seeds']}); test scores on {examples} examples per task "
         "(seeded subset); data-free methods at their papers' settings (`layermerge methods`).",
     ]
+    parts += [carried_note(entry) for entry in results.get("carried_from", [])]
     notes = track.get("notes") or {}
     if notes:
         parts.append("- Departures from the papers: " + "; ".join(f"{m}: {n}" for m, n in notes.items()) + ".")

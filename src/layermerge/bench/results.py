@@ -3,13 +3,17 @@
 A row's numbers for one seed: each task's score, their plain average, and the normalised average
 (mean over tasks of 100 × score ÷ the expert's score; tasks whose expert scored ≤ 0 are left out, as
 in ``layermerge.eval.report``). Across seeds: mean and sample standard deviation (0 with one seed).
+Rows may also be carried whole from an earlier results file (``bench --earlier``), marked as such.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 from layermerge.bench.tracks import TrackConfig
+from layermerge.errors import ConfigError
 
 # Methods that read the few-shot labels (the others see inputs only).
 LABELLED = {"fisher": "true labels (fisher_labels=auto with labelled shots)",
@@ -110,3 +114,83 @@ def best_data_free(results: dict, single_model: bool = False) -> dict | None:
     candidates = [r for r in main_rows(results) if not r["needs_data"] and r["normalised"]["mean"] is not None
                   and not (single_model and r.get("per_task_models"))]
     return max(candidates, key=lambda r: r["normalised"]["mean"], default=None)
+
+
+# --------------------------------------------------------------------------- rows carried from earlier results
+def load_results_file(path: str | Path, track: TrackConfig) -> dict:
+    """An earlier results JSON of this track (``bench --earlier``); one clear error line when it is not one."""
+    path = Path(path)
+    try:
+        earlier = json.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"--earlier {path}: cannot read it ({error.strerror or error}); give the results "
+                          "JSON an earlier `layermerge bench` wrote (its --json)") from None
+    except ValueError:
+        raise ConfigError(f"--earlier {path}: not JSON; give the results JSON an earlier `layermerge bench` "
+                          "wrote (its --json)") from None
+    shape = {"track": dict, "tasks": list, "rows": list, "meta": dict, "references": dict}
+    if not isinstance(earlier, dict) or not all(isinstance(earlier.get(k), t) for k, t in shape.items()):
+        raise ConfigError(f"--earlier {path}: not a `layermerge bench` results file (it needs track, tasks, "
+                          "rows, meta and references)")
+    name = earlier["track"].get("name")
+    if name != track.name:
+        raise ConfigError(f"--earlier {path} holds results of track {name!r}, not {track.name!r}")
+    if earlier["tasks"] != track.task_names():
+        raise ConfigError(f"--earlier {path} scored the tasks {earlier['tasks']}, this track has "
+                          f"{track.task_names()}: its rows cannot share a table")
+    return earlier
+
+
+def carry_earlier_rows(results: dict, earlier: dict, source: str, studies: set[str]) -> list[str]:
+    """Add the rows of ``earlier`` that ``results`` lacks (no record in this invocation or this version's
+    cache), each marked ``carried`` with where and when it was measured and its experts' scores then, so a
+    report keeps a whole table while one method is rerun. A row ``earlier`` itself carried keeps its first
+    mark. Only rows of the studies this invocation reports ("main", an ablation's name, or "ablations"
+    for all) are carried. Returns the carried rows' labels."""
+    present = {(row["study"], row["row"]) for row in results["rows"]}
+    mark = {"file": source, "date": earlier["meta"].get("date"), "command": earlier["meta"].get("command"),
+            "experts": earlier["references"].get("experts", {}).get("scores", {})}
+    carried = []
+    for row in earlier["rows"]:
+        study = row["study"]
+        wanted = study in studies or (study != "main" and "ablations" in studies)
+        if wanted and (study, row["row"]) not in present and row.get("runs"):
+            results["rows"].append({**row, "carried": row.get("carried") or mark})
+            carried.append(row_label(row))
+    results["carried_from"] = carried_sources(results)
+    return carried
+
+
+def row_label(row: dict) -> str:
+    return row["row"] if row["study"] == "main" else f"{row['study']}: {row['row']}"
+
+
+def carried_sources(results: dict) -> list[dict]:
+    """One entry per file the carried rows came from: its date and command, the rows, and the tasks whose
+    expert scored differently then (those rows' normalised averages are against the experts of then)."""
+    now = results["references"]["experts"]["scores"]
+    sources: dict[tuple, dict] = {}
+    for row in results["rows"]:
+        if not is_carried(row):
+            continue
+        mark = row["carried"]
+        then = mark.get("experts") or {}
+        entry = sources.setdefault((mark["file"], mark.get("date")), {
+            "file": mark["file"], "date": mark.get("date"), "command": mark.get("command"), "rows": [],
+            "experts_changed": {t: [then[t], now[t]] for t in now
+                                if t in then and round(then[t], 6) != round(now[t], 6)}})
+        entry["rows"].append(row_label(row))
+    return list(sources.values())
+
+
+def is_carried(row: dict) -> bool:
+    return "carried" in row
+
+
+def order_rows(results: dict, planned: list[tuple[str, str]]) -> None:
+    """Put the rows in the plan's order (study by study, row by row), rows outside the plan after their
+    study's planned ones: carried rows land where a full run would have put them."""
+    position = {key: number for number, key in enumerate(dict.fromkeys(planned))}
+    studies = {study: number for number, study in enumerate(dict.fromkeys(study for study, _ in planned))}
+    results["rows"] = sorted(results["rows"], key=lambda row: (
+        studies.get(row["study"], len(studies)), position.get((row["study"], row["row"]), len(position))))

@@ -34,6 +34,10 @@ def add_parser(subparsers):
     parser.add_argument("--splice", metavar="DOC.md",
                         help="also put the tables into DOC.md between <!-- bench:TRACK --> and "
                              "<!-- /bench:TRACK --> (image links made relative to DOC.md)")
+    parser.add_argument("--earlier", action="append", default=[], metavar="RESULTS.json",
+                        help="an earlier results JSON of this track (repeatable; the first that has a row wins): "
+                             "rows this invocation has no record for are reported from it, marked with the date "
+                             "they were measured, e.g. after rerunning one method")
     parser.add_argument("--device", default="cpu", help="device of the data-driven merges: cpu, cuda, auto")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the planned runs, each marked cached, to run, to rerun or not selected, and "
@@ -53,7 +57,8 @@ def run(args) -> int:
     import sys
 
     from layermerge.bench.report import splice_into, write_report
-    from layermerge.bench.runner import run_track
+    from layermerge.bench.results import carry_earlier_rows, is_carried, load_results_file, order_rows
+    from layermerge.bench.runner import plan_runs, run_track
     from layermerge.bench.tracks import load_track
     from layermerge.errors import ConfigError
     from layermerge.finetune import cache_root
@@ -62,6 +67,7 @@ def run(args) -> int:
     if args.threads is not None:      # the merges run in child processes: they inherit this
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     track = load_track(args.track)
+    earlier = [(path, load_results_file(path, track)) for path in args.earlier]    # checked before any merge
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     known = set(STAGES) | set(track.ablations)
     unknown = stages - known
@@ -81,13 +87,17 @@ def run(args) -> int:
                         f"layermerge bench {args.track}")
     if results is None:          # dry run or prune
         return 0
+    for path, document in earlier:
+        carry_earlier_rows(results, document, path, stages)
+    if earlier:
+        order_rows(results, [(run.study, run.row) for run in plan_runs(track, stages)])
     report_dir = Path(args.report_dir) if args.report_dir else workdir / "report"
     paths = write_report(results, report_dir, track.name, Path(args.json) if args.json else None)
     if args.splice:
         document = Path(args.splice)
         images = os.path.relpath(report_dir.resolve(), document.resolve().parent)
         splice_into(document, track.name, paths["markdown"].read_text(), "" if images == "." else images)
-    failed = [r["row"] for r in results["rows"] if r["failures"]]
+    failed = [r["row"] for r in results["rows"] if r["failures"] and not is_carried(r)]
     print(f"report: {paths['markdown']}; results: {paths['json']}")
     if failed:
         print(f"failed rows: {', '.join(failed)}")
