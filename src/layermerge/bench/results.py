@@ -141,24 +141,21 @@ def load_results_file(path: str | Path, track: TrackConfig) -> dict:
     return earlier
 
 
-def carry_earlier_rows(results: dict, earlier: dict, source: str, studies: set[str]) -> list[str]:
+def carry_earlier_rows(results: dict, earlier: dict, source: str, studies: set[str]) -> None:
     """Add the rows of ``earlier`` that ``results`` lacks (no record in this invocation or this version's
     cache), each marked ``carried`` with where and when it was measured and its experts' scores then, so a
     report keeps a whole table while one method is rerun. A row ``earlier`` itself carried keeps its first
     mark. Only rows of the studies this invocation reports ("main", an ablation's name, or "ablations"
-    for all) are carried. Returns the carried rows' labels."""
+    for all) are carried; ``results["carried_from"]`` lists them by source."""
     present = {(row["study"], row["row"]) for row in results["rows"]}
     mark = {"file": source, "date": earlier["meta"].get("date"), "command": earlier["meta"].get("command"),
             "experts": earlier["references"].get("experts", {}).get("scores", {})}
-    carried = []
     for row in earlier["rows"]:
         study = row["study"]
         wanted = study in studies or (study != "main" and "ablations" in studies)
         if wanted and (study, row["row"]) not in present and row.get("runs"):
             results["rows"].append({**row, "carried": row.get("carried") or mark})
-            carried.append(row_label(row))
     results["carried_from"] = carried_sources(results)
-    return carried
 
 
 def row_label(row: dict) -> str:
